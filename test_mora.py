@@ -1,0 +1,529 @@
+"""Tests for mora.py and the scripts. Run: python -m pytest -q"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mora
+from mora import (
+    LlamaConfig, Llama, LoRALinear, MoRALinear, VARIANTS, OFFICIAL_TYPES, apply_adapters, merge_and_unload,
+    adapter_state_dict, load_adapter_state_dict, count_parameters, mora_rank,
+)
+
+ALL_VARIANTS = list(VARIANTS) + list(OFFICIAL_TYPES) + ["6"]
+
+
+def make_mora(k, d, r, variant, dtype=torch.float64, seed=0, bias=True):
+    torch.manual_seed(seed)
+    base = nn.Linear(k, d, bias=bias).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = MoRALinear(base, r, variant=variant)
+    with torch.no_grad():
+        layer.M.normal_()
+    return layer
+
+
+# -----------------------------------------------------------------------------
+# hand-computed updates: k = 6 inputs, d = 4 outputs, r = 1 -> r^ = 3 (rotation: 2)
+
+M3 = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+C1, S1, C2, S2 = math.cos(1), math.sin(1), math.cos(2), math.sin(2)
+
+HAND = {
+    # CS: c_j = x_j + x_(j+3); T: out_i = y_(i mod 3)  ->  dW[i, t] = M[i mod 3, t mod 3]
+    "sharing": [[1, 2, 3, 1, 2, 3], [4, 5, 6, 4, 5, 6], [7, 8, 9, 7, 8, 9], [1, 2, 3, 1, 2, 3]],
+    # GS: input groups {0,1},{2,3},{4,5}; RI: output groups {0,1},{2},{3}
+    "sharing_gs_ri": [[1, 1, 2, 2, 3, 3], [1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 6], [7, 7, 8, 8, 9, 9]],
+    "sharing_gs_t": [[1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 6], [7, 7, 8, 8, 9, 9], [1, 1, 2, 2, 3, 3]],
+    "sharing_cs_ri": [[1, 2, 3, 1, 2, 3], [1, 2, 3, 1, 2, 3], [4, 5, 6, 4, 5, 6], [7, 8, 9, 7, 8, 9]],
+    "truncation": [[1, 2, 3, 0, 0, 0], [4, 5, 6, 0, 0, 0], [7, 8, 9, 0, 0, 0], [0, 0, 0, 0, 0, 0]],
+    # blocks x[0:3], x[3:6] each through M; outputs concatenated, first 4 kept
+    "decoupling": [[1, 2, 3, 0, 0, 0], [4, 5, 6, 0, 0, 0], [7, 8, 9, 0, 0, 0], [0, 0, 0, 1, 2, 3]],
+    # r^ = 2, M = [[1, 2], [3, 4]], theta_0 = 1: block 1 turned by angle 1, R = [[c, -s], [s, c]]
+    "rotation": [[1, 2, 0, 0, 0, 0], [3, 4, 0, 0, 0, 0],
+                 [0, 0, C1 + 2 * S1, 2 * C1 - S1, 0, 0], [0, 0, 3 * C1 + 4 * S1, 4 * C1 - 3 * S1, 0, 0]],
+}
+
+
+@pytest.mark.parametrize("variant", list(HAND))
+def test_hand_computed_delta_weight(variant):
+    layer = make_mora(6, 4, 1, variant)
+    with torch.no_grad():
+        layer.M.copy_(torch.tensor(M3 if variant != "rotation" else [[1, 2], [3, 4]], dtype=torch.float64))
+    expected = torch.tensor(HAND[variant], dtype=torch.float64)
+    assert torch.allclose(layer.get_delta_weight(), expected, atol=1e-12)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert torch.allclose(layer(x) - layer.base(x), x @ expected.T, atol=1e-10)
+
+
+def test_hand_computed_rotation_with_cyclic_padding():
+    # k = 5, d = 6, r^ = 2: blocks (x0, x1), (x2, x3), (x4, x0): the padding is x0 again
+    layer = make_mora(5, 6, 1, "rotation")
+    with torch.no_grad():
+        layer.M.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    expected = torch.tensor([
+        [1, 2, 0, 0, 0], [3, 4, 0, 0, 0],
+        [0, 0, C1 + 2 * S1, 2 * C1 - S1, 0], [0, 0, 3 * C1 + 4 * S1, 4 * C1 - 3 * S1, 0],
+        [2 * C2 - S2, 0, 0, 0, C2 + 2 * S2], [4 * C2 - 3 * S2, 0, 0, 0, 3 * C2 + 4 * S2],
+    ], dtype=torch.float64)
+    assert torch.allclose(layer.get_delta_weight(), expected, atol=1e-12)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.allclose(layer(x) - layer.base(x), x @ expected.T, atol=1e-10)
+
+
+def test_hand_computed_decoupling_tiles_short_output():
+    # k = 2, d = 5, r^ = 3: x~ = (x0, x1, x0), y = M x~ (3 values) tiled to 5 outputs
+    layer = make_mora(2, 5, 1, "decoupling")
+    with torch.no_grad():
+        layer.M.copy_(torch.tensor(M3, dtype=torch.float64))
+    expected = torch.tensor([[4, 2], [10, 5], [16, 8], [4, 2], [10, 5]], dtype=torch.float64)
+    assert torch.allclose(layer.get_delta_weight(), expected)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert torch.allclose(layer(x) - layer.base(x), x @ expected.T, atol=1e-10)
+
+
+def test_hand_computed_sharing_r_hat_above_twice_k():
+    # k = 1, d = 4, r = 2 -> r^ = 3 > 2k (the official forward crashes here): c = (x0, x0, x0)
+    layer = make_mora(1, 4, 2, "sharing")
+    assert layer.r_hat == 3
+    with torch.no_grad():
+        layer.M.copy_(torch.tensor(M3, dtype=torch.float64))
+    expected = torch.tensor([[6], [15], [24], [6]], dtype=torch.float64)
+    assert torch.allclose(layer.get_delta_weight(), expected)
+    x = torch.randn(3, 1, dtype=torch.float64)
+    assert torch.allclose(layer(x) - layer.base(x), x @ expected.T, atol=1e-10)
+
+
+# -----------------------------------------------------------------------------
+# a straightforward formulation of the spec (slow, loops, activations rotated), to check
+# the optimised layer against: same outputs and same gradients
+
+
+def reference_delta(layer, x):
+    k, d, rh, M, v = layer.in_features, layer.out_features, layer.r_hat, layer.M, layer.variant
+    n_in = -(-k // rh)
+    padded = x[..., [t % k for t in range(n_in * rh)]]  # cyclic padding
+
+    def group_members(n):
+        sizes = [n // rh + (1 if j < n % rh else 0) for j in range(rh)]
+        starts = [sum(sizes[:j]) for j in range(rh)]
+        return [list(range(s, s + z)) for s, z in zip(starts, sizes)]
+
+    if v == "truncation":
+        c = torch.cat([x, x.new_zeros(*x.shape[:-1], max(0, rh - k))], -1)[..., :rh]
+        y = c @ M.T
+        return torch.cat([y, y.new_zeros(*y.shape[:-1], max(0, d - rh))], -1)[..., :d]
+    if v in ("sharing", "sharing_cs_ri", "sharing_gs_ri", "sharing_gs_t"):
+        if v in ("sharing", "sharing_cs_ri"):
+            c = sum(padded[..., i * rh:(i + 1) * rh] for i in range(n_in))
+        else:
+            c = torch.stack([x[..., g].sum(-1) for g in group_members(k)], -1)
+        y = c @ M.T
+        if v in ("sharing", "sharing_gs_t"):
+            return y[..., [i % rh for i in range(d)]]
+        owner = {i: j for j, g in enumerate(group_members(d)) for i in g}
+        return y[..., [owner[i] for i in range(d)]]
+    outs = []
+    for i in range(n_in):
+        block = padded[..., i * rh:(i + 1) * rh]
+        if v == "rotation":
+            half = rh // 2
+            phi = torch.tensor([i * 10000 ** (-2 * j / rh) for j in range(half)], dtype=torch.float64)
+            cos, sin = torch.cat([phi.cos(), phi.cos()]).to(x.dtype), torch.cat([phi.sin(), phi.sin()]).to(x.dtype)
+            block = block * cos + torch.cat([-block[..., half:], block[..., :half]], -1) * sin
+        outs.append(block @ M.T)
+    y = torch.cat(outs, -1)
+    return y[..., [i % y.shape[-1] for i in range(d)]]
+
+
+GRID = [  # (k, d, r): divisible, not divisible, k < d, k > d, r^ >= k, r^ > 2k, odd r^
+    (12, 12, 3), (16, 8, 2), (8, 16, 2), (13, 7, 1), (7, 13, 2), (64, 176, 8), (176, 64, 8),
+    (2, 10, 8), (3, 17, 4), (5, 6, 1), (1, 9, 3), (30, 20, 5),
+]
+
+
+@pytest.mark.parametrize("k,d,r", GRID)
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_forward_equals_explicit_delta_weight(k, d, r, variant):
+    layer = make_mora(k, d, r, variant)
+    x = torch.randn(2, 3, k, dtype=torch.float64)
+    assert torch.allclose(layer(x) - layer.base(x), x @ layer.get_delta_weight().T, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("k,d,r", GRID)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_and_gradients_match_reference(k, d, r, variant):
+    layer = make_mora(k, d, r, variant)
+    x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, d, dtype=torch.float64)
+    out = layer(x) - layer.base(x)
+    gx, gm = torch.autograd.grad(out, (x, layer.M), g)
+    ref = reference_delta(layer, x)
+    rx, rm = torch.autograd.grad(ref, (x, layer.M), g)
+    assert torch.allclose(out, ref, atol=1e-10)
+    assert torch.allclose(gx, rx, atol=1e-10)
+    assert torch.allclose(gm, rm, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["rotation", "sharing", "decoupling"])
+def test_float32_matches_reference_to_1e6(variant):
+    layer = make_mora(256, 384, 8, variant, dtype=torch.float32)
+    with torch.no_grad():
+        layer.M.mul_(0.05)
+    x = torch.randn(64, 256, requires_grad=True)
+    g = torch.randn(64, 384)
+    out = layer(x) - layer.base(x)
+    gx, gm = torch.autograd.grad(out, (x, layer.M), g)
+    ref = reference_delta(layer, x)
+    rx, rm = torch.autograd.grad(ref, (x, layer.M), g)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(gx, rx, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(gm, rm, atol=1e-4, rtol=1e-5)
+
+
+def test_lora_forward_equals_delta_weight_and_scaling():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7).double()
+    layer = LoRALinear(base, 3, alpha=6)
+    with torch.no_grad():
+        layer.B.normal_()
+    assert layer.scaling == 2.0
+    assert torch.allclose(layer.get_delta_weight(), 2.0 * layer.B @ layer.A)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    assert torch.allclose(layer(x) - base(x), x @ layer.get_delta_weight().T, atol=1e-12)
+    assert torch.all(LoRALinear(nn.Linear(10, 7), 3).B == 0)  # dW = 0 at the start
+
+
+def test_mora_starts_at_zero_and_keeps_bias():
+    base = nn.Linear(20, 12)
+    layer = MoRALinear(base, 2)
+    x = torch.randn(3, 20)
+    assert torch.equal(layer(x), base(x))
+    assert torch.all(layer.M == 0)
+
+
+# -----------------------------------------------------------------------------
+# merge
+
+
+@pytest.mark.parametrize("make", [
+    lambda: make_mora(24, 40, 2, "rotation"),
+    lambda: make_mora(40, 24, 2, "sharing_gs_ri"),
+    lambda: make_mora(10, 10, 4, "truncation"),
+    lambda: _nonzero_lora(24, 40, 4),
+])
+def test_merge_unmerge_and_double_merge(make):
+    layer = make()
+    x = torch.randn(5, layer.in_features, dtype=torch.float64)
+    w0 = layer.base.weight.clone()
+    expected = layer(x)
+    assert not torch.allclose(expected, layer.base(x))
+    layer.merge()
+    assert layer.merged
+    assert torch.allclose(layer(x), expected, atol=1e-10)
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    assert torch.allclose(layer(x), expected, atol=1e-10)  # not added twice
+    with torch.no_grad():  # merged: forward uses the merged weight only
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert torch.allclose(layer(x), expected, atol=1e-10)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.sub_(1.0)
+    layer.unmerge()
+    assert not layer.merged
+    assert torch.allclose(layer.base.weight, w0, atol=1e-12)
+    assert torch.allclose(layer(x), expected, atol=1e-10)
+    with pytest.warns(UserWarning, match="not merged"):
+        layer.unmerge()
+
+
+def _nonzero_lora(k, d, r, dtype=torch.float64):
+    torch.manual_seed(1)
+    layer = LoRALinear(nn.Linear(k, d).to(dtype), r, alpha=2 * r)
+    with torch.no_grad():
+        layer.B.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("variant", ["rotation", "sharing", "sharing_cs_ri", "decoupling"])
+def test_merge_under_bfloat16(variant):
+    layer = make_mora(48, 80, 4, variant, dtype=torch.float32)
+    with torch.no_grad():
+        layer.M.mul_(0.02)
+    layer = layer.to(torch.bfloat16)
+    assert layer.get_delta_weight().dtype == torch.float32  # merge math in float32
+    x = torch.randn(8, 48, dtype=torch.bfloat16)
+    unmerged = layer(x).float()
+    layer.merge()
+    merged = layer(x).float()
+    assert (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()
+
+
+def test_buffers_follow_dtype():
+    layer = make_mora(24, 40, 2, "rotation", dtype=torch.float32)
+    assert layer.cos.dtype == torch.float32
+    layer = layer.double()
+    assert layer.cos.dtype == torch.float64 and layer.M.dtype == torch.float64
+    x = torch.randn(3, 24, dtype=torch.float64)
+    assert torch.allclose(layer(x) - layer.base(x), x @ layer.get_delta_weight().T, atol=1e-10)
+
+
+def test_merge_and_reinit_keeps_outputs_and_cycles_groupings():
+    layer = make_mora(24, 40, 2, "sharing")
+    x = torch.randn(5, 24, dtype=torch.float64)
+    before = layer(x)
+    seen = []
+    for _ in range(4):
+        layer.merge_and_reinit()
+        seen.append(layer.variant)
+        assert torch.all(layer.M == 0) and not layer.merged
+        assert torch.allclose(layer(x), before, atol=1e-10)
+    assert seen == ["sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri", "sharing"]  # official 1 -> 2 -> 3 -> 4 -> 1
+    rot = make_mora(24, 40, 2, "rotation")
+    rot.merge_and_reinit()
+    assert rot.variant == "rotation"
+    lora = _nonzero_lora(24, 40, 4)
+    before = lora(x)
+    lora.merge_and_reinit()
+    assert torch.all(lora.B == 0) and torch.allclose(lora(x), before, atol=1e-10)
+
+
+# -----------------------------------------------------------------------------
+# size and rank
+
+
+@pytest.mark.parametrize("k,d,r,expected", [(4096, 4096, 8, 256), (4096, 11008, 8, 348),
+                                            (4096, 4096, 256, 1448), (768, 768, 128, 442)])
+def test_r_hat_values_from_the_spec(k, d, r, expected):
+    assert mora_rank(k, d, r, "rotation") == expected
+
+
+@pytest.mark.parametrize("k,d", [(4096, 4096), (4096, 11008)])
+@pytest.mark.parametrize("r", [8, 256])
+@pytest.mark.parametrize("variant", ["rotation", "sharing"])
+def test_parameter_parity_with_lora(k, d, r, variant):
+    r_hat = mora_rank(k, d, r, variant)
+    assert abs(r_hat ** 2 - r * (d + k)) <= 0.01 * r * (d + k)
+
+
+def test_trainable_counts_match_formulas():
+    lora = LoRALinear(nn.Linear(64, 176), 8)
+    mora_layer = MoRALinear(nn.Linear(64, 176), 8)
+    assert count_parameters(lora, trainable_only=True) == 8 * (64 + 176)
+    assert count_parameters(mora_layer, trainable_only=True) == mora_layer.r_hat ** 2 == 44 ** 2
+    assert count_parameters(mora_layer) == 44 ** 2 + 64 * 176 + 176
+
+
+def test_rank_of_updates():
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(128, 128).double(), 8)
+    with torch.no_grad():
+        lora.B.normal_()
+    assert torch.linalg.matrix_rank(lora.get_delta_weight()) <= 8
+    for variant in ["truncation", "sharing", "sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri"]:
+        layer = make_mora(128, 128, 8, variant)
+        assert torch.linalg.matrix_rank(layer.get_delta_weight()) <= layer.r_hat
+    for variant in ["rotation", "decoupling"]:
+        layer = make_mora(128, 128, 8, variant)
+        assert layer.r_hat < 64
+        assert torch.linalg.matrix_rank(layer.get_delta_weight()) == 128
+
+
+def test_warns_when_m_is_larger_than_the_full_matrix():
+    with pytest.warns(UserWarning, match="more than the full"):
+        MoRALinear(nn.Linear(8, 8), 16, variant="sharing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoRALinear(nn.Linear(64, 64), 4)
+
+
+# -----------------------------------------------------------------------------
+# the model and the helpers
+
+
+def tiny_model(seed=0, vocab=37):
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=32))
+
+
+def test_presets_and_parameter_count():
+    assert LlamaConfig.from_preset("250m").hidden_dim == 2560
+    cfg = LlamaConfig.from_preset("tiny", vocab_size=37)
+    model = Llama(cfg)
+    C, H, V, L = cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_layers
+    assert count_parameters(model) == 2 * V * C + C + L * (4 * C * C + 3 * C * H + 2 * C)
+    with pytest.raises(ValueError, match="'huge'"):
+        LlamaConfig.from_preset("huge")
+
+
+def test_init_scales_residual_projections():
+    model = Llama(LlamaConfig.from_preset("9m", vocab_size=64))
+    assert abs(model.layers[0].attn.q.weight.std().item() - 0.02) < 0.002
+    assert abs(model.layers[0].mlp.down.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
+
+
+def test_model_is_causal():
+    model = tiny_model()
+    idx = torch.randint(0, 37, (2, 16))
+    changed = idx.clone()
+    changed[:, 10] = (idx[:, 10] + 1) % 37
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_loss_ignores_minus_100_and_overfits_one_batch():
+    model = tiny_model()
+    idx = torch.randint(0, 37, (4, 16))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -100
+    _, loss0 = model(idx, targets)
+    assert abs(loss0.item() - math.log(37)) < 0.3
+    opt = model.configure_optimizers(0.0, 3e-3)
+    for _ in range(30):
+        _, loss = model(idx, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * loss0.item()
+
+
+def test_generation_greedy_is_deterministic_and_sampling_runs():
+    model = tiny_model()
+    prompt = torch.randint(0, 37, (3, 5))
+    a = model.generate(prompt, 8)
+    b = model.generate(prompt, 8)
+    assert a.shape == (3, 13) and torch.equal(a, b) and torch.equal(a[:, :5], prompt)
+    logits, _ = model(a[:, :-1])
+    assert torch.equal(logits[:, 4:].argmax(-1), a[:, 5:])  # each new token is the argmax
+    torch.manual_seed(0)
+    s = model.generate(prompt, 8, temperature=1.0, top_k=3)
+    assert s.shape == (3, 13) and s.max() < 37
+
+
+def test_sequence_too_long_is_an_error():
+    with pytest.raises(ValueError, match="33"):
+        tiny_model()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def _randomise_adapters(model, scale=0.05):
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, scale)
+
+
+@pytest.mark.parametrize("method,kwargs", [("lora", {}), ("mora", {}), ("mora", {"variant": "sharing"}),
+                                           ("mora", {"variant": 2}), ("lora", {"alpha": 16, "dropout": 0.1})])
+def test_merge_and_unload_model(method, kwargs):
+    model = tiny_model()
+    idx = torch.randint(0, 37, (2, 12))
+    base_logits, _ = model(idx)
+    apply_adapters(model, method, r=4, **kwargs)
+    _randomise_adapters(model)
+    model.eval()
+    adapted, _ = model(idx)
+    assert not torch.allclose(adapted, base_logits, atol=1e-3)
+    merged = merge_and_unload(copy.deepcopy(model))
+    assert not any(isinstance(m, mora.AdapterLinear) for m in merged.modules())
+    assert isinstance(merged.layers[0].attn.q, nn.Linear)
+    merged_logits, _ = merged(idx)
+    assert torch.allclose(merged_logits, adapted, atol=1e-5)
+
+
+def test_apply_adapters_freezes_all_but_adapters_and_only_they_train():
+    model = apply_adapters(tiny_model(), "mora", r=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".M") for n in trainable)
+    assert len(trainable) == 7 * model.cfg.n_layers
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = model.configure_optimizers(0.0, 1e-2)
+    idx = torch.randint(0, 37, (2, 12))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    for _ in range(3):
+        opt.step()
+        opt.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+    for n, p in model.named_parameters():
+        assert (not torch.equal(p, before[n])) == (n in trainable), n
+
+
+def test_adapter_state_dict_round_trip():
+    model = apply_adapters(tiny_model(), "mora", r=4, variant="sharing")
+    _randomise_adapters(model)
+    for _, layer in mora.adapter_layers(model):
+        layer.merge_and_reinit()  # moves the grouping: it must travel with M
+    _randomise_adapters(model)
+    sd = adapter_state_dict(model)
+    assert sd and all(".base." not in k for k in sd)
+    assert all(k.endswith((".M", "._extra_state")) for k in sd)
+    idx = torch.randint(0, 37, (2, 12))
+    expected, _ = model(idx)
+    fresh = apply_adapters(tiny_model(), "mora", r=4, variant="sharing")
+    for (_, a), (_, b) in zip(mora.adapter_layers(fresh), mora.adapter_layers(model)):
+        a.base.load_state_dict(b.base.state_dict())  # the same merged base, as a checkpoint would have it
+    load_adapter_state_dict(fresh, sd)
+    assert fresh.layers[0].attn.q.variant == "sharing_gs_ri"
+    got, _ = fresh(idx)
+    assert torch.equal(got, expected)
+    lora = apply_adapters(tiny_model(), "lora", r=4)
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter_state_dict(lora, sd)
+    load_adapter_state_dict(lora, {}, strict=False)
+    wrong = {k: torch.zeros(3, 3) if k.endswith(".M") else v for k, v in sd.items()}
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter_state_dict(fresh, wrong)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.5, True, "8"])
+def test_bad_rank(r):
+    with pytest.raises(ValueError, match=repr(r).replace(".", r"\.")):
+        MoRALinear(nn.Linear(8, 8), r)
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(8, 8), r)
+    with pytest.raises(ValueError, match="rank"):
+        apply_adapters(tiny_model(), "lora", r=r)
+
+
+def test_bad_variant_method_and_targets():
+    with pytest.raises(ValueError, match="'spinning'"):
+        MoRALinear(nn.Linear(8, 8), 2, variant="spinning")
+    with pytest.raises(ValueError, match="5"):
+        MoRALinear(nn.Linear(8, 8), 2, variant=5)  # the official type 5 does not run
+    with pytest.raises(ValueError, match="'dora'"):
+        apply_adapters(tiny_model(), "dora", r=4)
+    with pytest.raises(ValueError, match="'qq'"):
+        apply_adapters(tiny_model(), "lora", r=4, targets=("q", "qq"))
+    with pytest.raises(ValueError, match="'norm'.*RMSNorm"):
+        apply_adapters(tiny_model(), "lora", r=4, targets=("norm",))
+    with pytest.raises(ValueError, match="Embedding"):
+        LoRALinear(nn.Embedding(4, 4), 2)
+    with pytest.raises(ValueError, match="r\\^=0"):
+        MoRALinear(nn.Linear(1, 1), 1, variant="rotation")
+    with pytest.raises(ValueError, match="1.5"):
+        LoRALinear(nn.Linear(4, 4), 2, dropout=1.5)
+
+
+def test_variant_aliases():
+    for number, name in OFFICIAL_TYPES.items():
+        assert MoRALinear(nn.Linear(32, 32), 2, variant=number).variant == name
+        assert MoRALinear(nn.Linear(32, 32), 2, variant=str(number)).variant == name
