@@ -3,11 +3,12 @@ MoRA and LoRA next to a small LLaMA-like transformer, in one file.
 
 Read it top to bottom:
   1. the model: config, RMSNorm, rotary helpers, attention, SwiGLU MLP, block, model;
-  2. LoRA (Hu et al., 2021): dW = (alpha / r) B A, two thin matrices;
-  3. MoRA (Jiang et al., 2024, arXiv 2405.12130): dW x = f_decomp(M f_comp(x)), one square
+  2. what the adapters share: a frozen base layer, merging, the state they save;
+  3. LoRA (Hu et al., 2021): dW = (alpha / r) B A, two thin matrices;
+  4. MoRA (Jiang et al., 2024, arXiv 2405.12130): dW x = f_decomp(M f_comp(x)), one square
      matrix M of size r^ x r^ with the same parameter count, and a rank that can reach
-     min(d, k) where LoRA's stays below r;
-  4. helpers to put adapters into a model, merge them and save them.
+     min(d, k) where LoRA's stays at r or below;
+  5. helpers to put adapters into a model, merge them and save them.
 
 Notation (as in the paper): a frozen nn.Linear W0 of shape (d, k), d = out_features,
 k = in_features; an adapter adds dW x to W0 x.
@@ -15,6 +16,7 @@ k = in_features; an adapter adds dW x to W0 x.
 
 import inspect
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -149,7 +151,7 @@ class Llama(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith(("o.weight", "down.weight")):  # scaled residual projections (GPT-2)
+            if name.endswith((".o.weight", ".down.weight")):  # scaled residual projections (GPT-2)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     def _init_weights(self, module):
@@ -208,11 +210,15 @@ def _check_rank(r):
         raise ValueError(f"rank r must be a positive integer, got {r!r}")
 
 
+_warned_shapes = set()
+
+
 class AdapterLinear(nn.Module):
     """Wraps a frozen nn.Linear W0 and adds a trained update: y = W0 x + b + dW x.
 
     merge() folds dW into W0 (then forward uses W0 alone), unmerge() takes it out again; the
-    `merged` flag makes a second merge a no-op. Merge math runs in float32 at least.
+    `merged` flag makes a second merge a no-op and travels in the state dict. Merge math runs
+    in float32 at least. Subclasses define the update: add_delta_, get_delta_weight, reset_adapter.
     """
 
     def __init__(self, base, r, dropout):
@@ -220,13 +226,24 @@ class AdapterLinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
         _check_rank(r)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.base = base
         base.requires_grad_(False)
         self.r = r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.dense = False  # set by subclasses once they know their size, see forward
+
+    def _check_size(self, n_params):
+        """An adapter with more numbers than the full d x k update gains nothing over it: say so
+        (once per shape), and compute its update through the dense dW, which is then cheaper."""
+        d, k = self.out_features, self.in_features
+        self.dense = n_params > d * k
+        if self.dense and (type(self), d, k, n_params) not in _warned_shapes:
+            _warned_shapes.add((type(self), d, k, n_params))
+            warnings.warn(f"{type(self).__name__} with r={self.r} on a {k}->{d} layer has {n_params} "
+                          f"parameters, more than the full {d}x{k} matrix ({d * k}); a smaller r does as much", stacklevel=3)
 
     @property
     def in_features(self):
@@ -238,10 +255,16 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)
-        if not self.merged:
-            # Accumulating in place into W0 x saves a full-size temporary: this is safe
-            # because nn.Linear keeps its input, not its output, for the backward pass.
-            self.add_delta_(out.view(-1, self.out_features), self.dropout(x).reshape(-1, self.in_features))
+        if self.merged:
+            return out
+        # Accumulate into W0 x in place, saving a full-size temporary: nn.Linear keeps its input,
+        # not its output, for the backward pass. (A forward hook on `base` sees W0 x + b only
+        # until this line runs.)
+        x, out2d = self.dropout(x).reshape(-1, self.in_features), out.view(-1, self.out_features)
+        if self.dense:  # exact, and cheaper when the factored form is larger than dW itself
+            out2d += x @ self.get_delta_weight().to(x.dtype).T
+        else:
+            self.add_delta_(out2d, x)
         return out
 
     @torch.no_grad()
@@ -270,6 +293,12 @@ class AdapterLinear(nn.Module):
         self._fold(+1)
         self.reset_adapter()
 
+    def get_extra_state(self):  # so that a saved merged model is not merged a second time on load
+        return {"merged": self.merged}
+
+    def set_extra_state(self, state):
+        self.merged = bool(state["merged"])
+
 
 # -----------------------------------------------------------------------------
 # 3. LoRA: dW = (alpha / r) B A
@@ -289,6 +318,7 @@ class LoRALinear(AdapterLinear):
         self.A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
         self.reset_adapter()
+        self._check_size(r * (self.in_features + self.out_features))
 
     @torch.no_grad()
     def reset_adapter(self):
@@ -299,6 +329,7 @@ class LoRALinear(AdapterLinear):
         out += (x @ self.A.T * self.scaling) @ self.B.T  # scale the thin (N, r) tensor, not (N, d)
 
     def get_delta_weight(self):
+        """The explicit (d, k) update, in float32 at least (differentiable; detach for analysis)."""
         dtype = torch.promote_types(self.A.dtype, torch.float32)
         return self.B.to(dtype) @ self.A.to(dtype) * self.scaling
 
@@ -308,19 +339,6 @@ class LoRALinear(AdapterLinear):
 
 # -----------------------------------------------------------------------------
 # 4. MoRA: dW x = f_decomp(M f_comp(x)), M square (r^ x r^), zero-initialised, no scaling
-#
-#    variant (paper, Sec. 4)  official mora_type   f_comp             f_decomp             rank(dW) at most
-#    truncation               -                    x[:r^]             [y; 0]               r^
-#    sharing (Eq. 6)          1                    chunk sum (CS)     tile (T)             r^
-#    decoupling               -                    blocks of r^       concatenate blocks   min(d, k)
-#    rotation (Eq. 9)         6                    rotated blocks     concatenate blocks   min(d, k)
-#    sharing_gs_ri            2                    group sum (GS)     interleave (RI)      r^
-#    sharing_gs_t             3                    group sum (GS)     tile (T)             r^
-#    sharing_cs_ri            4                    chunk sum (CS)     interleave (RI)      r^
-#
-#    The last three are the other groupings ReMoRA cycles through between merges (1, 2, 3, 4, 1, ...).
-#    Which to pick: rotation for small r (its rank is not capped by r^), sharing for large r
-#    (as cheap as LoRA; r^ is already large).
 
 VARIANTS = ("truncation", "sharing", "decoupling", "rotation", "sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri")
 OFFICIAL_TYPES = {1: "sharing", 2: "sharing_gs_ri", 3: "sharing_gs_t", 4: "sharing_cs_ri", 6: "rotation"}
@@ -330,10 +348,16 @@ SHARING_GROUPINGS = {"sharing": ("CS", "T"), "sharing_gs_ri": ("GS", "RI"), "sha
 
 def resolve_variant(variant):
     """A variant name, or an official mora_type number (1, 2, 3, 4, 6) as int or string."""
+    number = None
     if isinstance(variant, str) and variant.isdigit():
-        variant = int(variant)
-    if isinstance(variant, int) and not isinstance(variant, bool) and variant in OFFICIAL_TYPES:
-        return OFFICIAL_TYPES[variant]
+        number = int(variant)
+    elif not isinstance(variant, (bool, str)):
+        try:
+            number = operator.index(variant)  # int, numpy integers
+        except TypeError:
+            pass
+    if number in OFFICIAL_TYPES:
+        return OFFICIAL_TYPES[number]
     if variant in VARIANTS:
         return variant
     raise ValueError(f"unknown MoRA variant {variant!r}; choose one of {', '.join(VARIANTS)} "
@@ -362,10 +386,10 @@ def mora_rank(in_features, out_features, r, variant="rotation"):
 
 def cyclic_pad(x, length):
     """x~_t = x_(t mod k) for t < length: padding reuses the first inputs (not zeros)."""
-    k = x.shape[-1]
-    if length <= k:
-        return x[..., :length]
-    return x[..., torch.arange(length, device=x.device) % k]
+    copies = -(-length // x.shape[-1])
+    if copies > 1:
+        x = x.repeat(*(1,) * (x.dim() - 1), copies)
+    return x[..., :length]
 
 
 def chunk_sum(x, r_hat):
@@ -416,8 +440,21 @@ class MoRALinear(AdapterLinear):
     """MoRA: a frozen nn.Linear plus dW x = f_decomp(M f_comp(x)), M (r^ x r^) zero-initialised.
 
     r is LoRA's rank for the same budget; r^ = mora_rank(k, d, r, variant). There is no
-    alpha / r scaling (the paper has none). `variant` is a name or an official number (see
-    the table above). Works for every shape: k or d not divisible by r^, r^ >= k, r^ > 2k.
+    alpha / r scaling (the paper has none). Works for every shape: k or d not divisible by r^,
+    r^ >= k, r^ > 2k. `variant` is a name or the official code's mora_type number:
+
+    variant (paper, Sec. 4)  type  f_comp          f_decomp            rank(dW) at most
+    truncation               -     x[:r^]          [y; 0]              r^
+    sharing (Eq. 6)          1     chunk sum (CS)  tile (T)            r^
+    decoupling               -     blocks of r^    concatenate blocks  min(d, k)
+    rotation (Eq. 9)         6     rotated blocks  concatenate blocks  min(d, k)
+    sharing_gs_ri            2     group sum (GS)  interleave (RI)     r^
+    sharing_gs_t             3     group sum (GS)  tile (T)            r^
+    sharing_cs_ri            4     chunk sum (CS)  interleave (RI)     r^
+
+    The last three are the other groupings ReMoRA cycles through between merges (1, 2, 3, 4, 1, ...).
+    Which to pick: rotation for small r (its rank is not capped by r^), sharing for large r
+    (as cheap as LoRA, and r^ is already large).
     """
 
     def __init__(self, base, r, variant="rotation", dropout=0.0):
@@ -425,36 +462,38 @@ class MoRALinear(AdapterLinear):
         self.variant = resolve_variant(variant)
         k, d = self.in_features, self.out_features
         self.r_hat = mora_rank(k, d, r, self.variant)
-        if self.r_hat ** 2 > d * k:
-            warnings.warn(f"MoRA r={r} gives r^={self.r_hat}: M has {self.r_hat ** 2} entries, more than "
-                          f"the full {d}x{k} matrix ({d * k}); a smaller r (or full fine-tuning) does as much")
         w = base.weight
         self.M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, device=w.device, dtype=w.dtype))
-        # Decoupling and rotation cut x~ into blocks of r^. Only the blocks whose outputs are
+        # Decoupling and rotation cut x~ into blocks of r^; only the blocks whose outputs are
         # kept (the first d) are needed, so n_blocks <= ceil(k / r^).
         self.n_blocks = min(-(-k // self.r_hat), -(-d // self.r_hat))
         if self.variant == "rotation":  # Eq. 9: block i is turned by angles i * theta_j
             cos, sin = rope_cos_sin(self.r_hat, self.n_blocks, dtype=torch.promote_types(w.dtype, torch.float32))
             self.register_buffer("cos", cos.to(w.device), persistent=False)
             self.register_buffer("sin", sin.to(w.device), persistent=False)
+        self._check_size(self.r_hat ** 2)
 
     @torch.no_grad()
     def reset_adapter(self):
-        """Zero M; for ReMoRA also move the sharing family to its next grouping (1 -> 2 -> 3 -> 4 -> 1),
-        so that successive merges add new directions (Sec. 5.3)."""
         self.M.zero_()
+
+    def merge_and_reinit(self):
+        """ReMoRA (Sec. 5.3): also move the sharing family to its next grouping (1 -> 2 -> 3 -> 4 -> 1),
+        so that successive merges add new directions."""
+        super().merge_and_reinit()
         if self.variant in SHARING_GROUPINGS:
             order = list(SHARING_GROUPINGS)
             self.variant = order[(order.index(self.variant) + 1) % len(order)]
 
-    def rotated_blocks(self, M):
+    @staticmethod
+    def rotated_blocks(M, cos, sin):
         """M_i = M R_i for each block i (Eq. 9), shape (n_blocks, r^, r^).
 
-        Rotating the small matrix instead of the large activations gives the same product
-        for less work: M R_i is M with its rows turned by -phi_i, M cos_i - rotate_half(M) sin_i.
+        Rotating the small matrix instead of the large activations gives the same product for
+        less work: M R_i = M cos_i + M' sin_i with M' = [M[:, h:], -M[:, :h]], that is, each
+        row of M turned by -phi_i: apply_rotary with -sin.
         """
-        cos, sin = self.cos.to(M.dtype), self.sin.to(M.dtype)
-        return apply_rotary(M, cos[:, None, :], -sin[:, None, :])
+        return apply_rotary(M, cos.to(M.dtype)[:, None, :], -sin.to(M.dtype)[:, None, :])
 
     def add_delta_(self, out, x):  # out (N, d) += dW x for x (N, k)
         v, r_hat, M = self.variant, self.r_hat, self.M
@@ -465,17 +504,21 @@ class MoRALinear(AdapterLinear):
             comp, decomp = SHARING_GROUPINGS[v]
             c = chunk_sum(x, r_hat) if comp == "CS" else group_sum(x, r_hat)  # (N, r^)
             y = c @ M.T
-            tile_add_(out, y) if decomp == "T" else interleave_add_(out, y)
+            if decomp == "T":
+                tile_add_(out, y)
+            else:
+                interleave_add_(out, y)
         else:  # decoupling / rotation: every block of x~ gets its own M_i, outputs concatenated
             blocks = cyclic_pad(x, self.n_blocks * r_hat).unflatten(-1, (self.n_blocks, r_hat))
             if v == "decoupling":
                 y = blocks @ M.T
             else:
-                y = torch.einsum("nbr,bsr->nbs", blocks, self.rotated_blocks(M))
+                y = torch.einsum("nbr,bsr->nbs", blocks, self.rotated_blocks(M, self.cos, self.sin))
             tile_add_(out, y.flatten(-2))  # keep the first d, or tile when shorter than d
 
     def get_delta_weight(self):
-        """The explicit (d, k) update, so that forward(x) - W0 x == dW x (in float32 at least)."""
+        """The explicit (d, k) update, so that forward(x) - W0 x == dW x; in float32 at least
+        (differentiable; detach for analysis)."""
         dtype = torch.promote_types(self.M.dtype, torch.float32)
         M, r_hat, k, d = self.M.to(dtype), self.r_hat, self.in_features, self.out_features
         dev = M.device
@@ -490,28 +533,31 @@ class MoRALinear(AdapterLinear):
             if comp == "CS":  # C[t mod r^, t mod k] += 1 over the padded length
                 t = torch.arange(-(-k // r_hat) * r_hat, device=dev)
                 C.index_put_((t % r_hat, t % k), torch.ones(len(t), dtype=dtype, device=dev), accumulate=True)
-            else:
+            else:  # GS: C[g(t), t] = 1
                 C[group_index(k, r_hat).to(dev), torch.arange(k, device=dev)] = 1
-            D = torch.zeros(d, r_hat, dtype=dtype, device=dev)
+            # D has a single 1 per row, at column i mod r^ (T) or g(i) (RI): D @ X picks rows of X
             i = torch.arange(d, device=dev)
-            D[i, i % r_hat if decomp == "T" else group_index(d, r_hat).to(dev)] = 1
-            return D @ M @ C
+            return (M @ C)[i % r_hat if decomp == "T" else group_index(d, r_hat).to(dev)]
         # Decoupling / rotation: block i of the (n_blocks r^, k) matrix holds M_i on the diagonal;
         # its columns past k (the cyclic padding) are added onto the first columns.
-        blocks = self.rotated_blocks(M) if v == "rotation" else M.expand(self.n_blocks, -1, -1)
+        if v == "rotation":  # tables rebuilt in float32 even if the layer's are bfloat16
+            blocks = self.rotated_blocks(M, *rope_cos_sin(r_hat, self.n_blocks, dtype=dtype))
+        else:
+            blocks = M.expand(self.n_blocks, -1, -1)
         dw = torch.zeros(self.n_blocks * r_hat, k, dtype=dtype, device=dev)
         for i, block in enumerate(blocks):
             rows = slice(i * r_hat, (i + 1) * r_hat)
-            dw[rows].index_add_(1, torch.arange(i * r_hat, (i + 1) * r_hat, device=dev) % k, block)
+            dw[rows].index_add_(1, torch.arange(i * r_hat, (i + 1) * r_hat, device=dev) % k, block.to(dev))
         return dw[torch.arange(d, device=dev) % dw.shape[0]]  # first d rows, tiled when fewer
 
     def get_extra_state(self):  # the grouping changes under ReMoRA, so it travels with M
-        return {"variant": self.variant}
+        return {**super().get_extra_state(), "variant": self.variant}
 
     def set_extra_state(self, state):
         variant = resolve_variant(state["variant"])
-        if (variant == "rotation") != (self.variant == "rotation"):
+        if variant != self.variant and not (variant in SHARING_GROUPINGS and self.variant in SHARING_GROUPINGS):
             raise ValueError(f"cannot load MoRA variant {variant!r} into a {self.variant!r} layer")
+        super().set_extra_state(state)
         self.variant = variant
 
     def extra_repr(self):
@@ -525,40 +571,43 @@ DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def mark_only_adapters_as_trainable(model):
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         p.requires_grad = False
-    for m in model.modules():
-        if isinstance(m, AdapterLinear):
-            for name, p in m.named_parameters(recurse=False):
-                p.requires_grad = True
+    for _, layer in adapter_layers(model):
+        for p in layer.parameters(recurse=False):
+            p.requires_grad = True
     return model
 
 
 def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_kwargs):
     """Wrap every nn.Linear whose attribute name (or full dotted name) is in `targets` with a
-    LoRALinear or MoRALinear, freeze everything else, and return the model (changed in place)."""
+    LoRALinear or MoRALinear, freeze everything else, and return the model (changed in place).
+    All checks come before any change: on an error the model is left as it was."""
     layer_cls = {"lora": LoRALinear, "mora": MoRALinear}.get(method)
     if layer_cls is None:
         raise ValueError(f"unknown method {method!r}; choose 'lora' or 'mora'")
     if isinstance(targets, str):
         targets = (targets,)
     _check_rank(r)
-    found = set()
-    for parent_name, parent in list(model.named_modules()):
+    matches, found = [], set()
+    for parent_name, parent in model.named_modules():
         if isinstance(parent, AdapterLinear):
             continue
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in parent.named_children():
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-            hit = next((t for t in (child_name, full_name) if t in targets), None)
-            if hit is None:
+            hits = {child_name, full_name} & set(targets)
+            if not hits:
                 continue
             if not isinstance(child, nn.Linear):
-                raise ValueError(f"target {hit!r} matches {full_name!r}, a {type(child).__name__}, not an nn.Linear")
-            setattr(parent, child_name, layer_cls(child, r, **layer_kwargs))
-            found.add(hit)
+                raise ValueError(f"target {sorted(hits)[0]!r} matches {full_name!r}, a {type(child).__name__}, not an nn.Linear")
+            matches.append((parent, child_name, child))
+            found |= hits
     missing = [t for t in targets if t not in found]
     if missing:
         raise ValueError(f"target(s) {missing} match no nn.Linear in the model")
+    new_layers = [(parent, name, layer_cls(child, r, **layer_kwargs)) for parent, name, child in matches]
+    for parent, name, layer in new_layers:
+        setattr(parent, name, layer)
     return mark_only_adapters_as_trainable(model)
 
 
@@ -567,7 +616,10 @@ def adapter_layers(model):
 
 
 def merge_and_unload(model):
-    """Merge every adapter into its base layer and put the plain nn.Linear back (in place)."""
+    """Merge every adapter into its base layer and put the plain nn.Linear back (in place);
+    returns the model (the base layer itself when given a single adapter layer)."""
+    if isinstance(model, AdapterLinear):
+        return merge_and_unload(nn.Sequential(model))[0]
     for name, layer in adapter_layers(model):
         if not layer.merged:
             layer.merge()
@@ -576,15 +628,24 @@ def merge_and_unload(model):
     return model
 
 
+def _refuse_merged(model, what):
+    merged = [name for name, layer in adapter_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"{what} needs unmerged adapters (a merged one lives in its base weight); unmerge {merged[0]!r} first")
+
+
 def adapter_state_dict(model):
-    """Only the adapters' tensors (A, B / M and MoRA's variant), not the frozen model."""
-    prefixes = tuple(f"{name}." for name, _ in adapter_layers(model))
-    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes) and ".base." not in k}
+    """Only the adapters' entries (A, B / M, their flags, MoRA's variant), not the frozen model."""
+    _refuse_merged(model, "adapter_state_dict")
+    prefixes = [f"{name}." if name else "" for name, _ in adapter_layers(model)]
+    return {k: v for k, v in model.state_dict().items()
+            if any(k.startswith(p) and not k[len(p):].startswith("base.") for p in prefixes)}
 
 
 def load_adapter_state_dict(model, state_dict, strict=True):
     """Load what adapter_state_dict saved; with strict, any missing or unexpected key or a
     shape mismatch is a ValueError."""
+    _refuse_merged(model, "load_adapter_state_dict")
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

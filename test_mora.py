@@ -143,22 +143,26 @@ def reference_delta(layer, x):
 
 GRID = [  # (k, d, r): divisible, not divisible, k < d, k > d, r^ >= k, r^ > 2k, odd r^
     (12, 12, 3), (16, 8, 2), (8, 16, 2), (13, 7, 1), (7, 13, 2), (64, 176, 8), (176, 64, 8),
-    (2, 10, 8), (3, 17, 4), (5, 6, 1), (1, 9, 3), (30, 20, 5),
+    (2, 10, 8), (3, 17, 4), (5, 6, 1), (1, 9, 3), (30, 20, 5), (20, 3, 4), (50, 5, 2),
 ]
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("k,d,r", GRID)
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
-def test_forward_equals_explicit_delta_weight(k, d, r, variant):
+def test_forward_equals_explicit_delta_weight(k, d, r, variant, dense):
     layer = make_mora(k, d, r, variant)
+    layer.dense = dense  # both paths: the factored one, and dW formed explicitly
     x = torch.randn(2, 3, k, dtype=torch.float64)
     assert torch.allclose(layer(x) - layer.base(x), x @ layer.get_delta_weight().T, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("k,d,r", GRID)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_forward_and_gradients_match_reference(k, d, r, variant):
+def test_forward_and_gradients_match_reference(k, d, r, variant, dense):
     layer = make_mora(k, d, r, variant)
+    layer.dense = dense
     x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, d, dtype=torch.float64)
     out = layer(x) - layer.base(x)
@@ -186,6 +190,15 @@ def test_float32_matches_reference_to_1e6(variant):
     assert torch.allclose(gm, rm, atol=1e-4, rtol=1e-5)
 
 
+def test_dense_path_exactly_when_adapter_exceeds_full_matrix():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert MoRALinear(nn.Linear(128, 128), 256, variant="sharing").dense  # r^ = 256 > 128
+        assert not MoRALinear(nn.Linear(128, 128), 8).dense
+        assert LoRALinear(nn.Linear(128, 128), 256).dense
+        assert not LoRALinear(nn.Linear(128, 128), 64).dense  # 64 (128 + 128) == 128 x 128
+
+
 def test_lora_forward_equals_delta_weight_and_scaling():
     torch.manual_seed(0)
     base = nn.Linear(10, 7).double()
@@ -196,7 +209,10 @@ def test_lora_forward_equals_delta_weight_and_scaling():
     assert torch.allclose(layer.get_delta_weight(), 2.0 * layer.B @ layer.A)
     x = torch.randn(4, 10, dtype=torch.float64)
     assert torch.allclose(layer(x) - base(x), x @ layer.get_delta_weight().T, atol=1e-12)
-    assert torch.all(LoRALinear(nn.Linear(10, 7), 3).B == 0)  # dW = 0 at the start
+    default = LoRALinear(nn.Linear(512, 7), 3)
+    assert default.scaling == 1.0 and torch.all(default.B == 0)  # dW = 0 at the start
+    bound = 1 / math.sqrt(512)  # Kaiming-uniform with a = sqrt(5), as nn.Linear
+    assert 0.9 * bound < default.A.abs().max() <= bound
 
 
 def test_mora_starts_at_zero_and_keeps_bias():
@@ -205,6 +221,23 @@ def test_mora_starts_at_zero_and_keeps_bias():
     x = torch.randn(3, 20)
     assert torch.equal(layer(x), base(x))
     assert torch.all(layer.M == 0)
+
+
+@pytest.mark.parametrize("make", [lambda base: LoRALinear(base, 4, dropout=0.5),
+                                  lambda base: MoRALinear(base, 4, dropout=0.5)])
+def test_dropout_acts_on_the_adapter_input_only(make):
+    torch.manual_seed(0)
+    base = nn.Linear(32, 48).double()
+    layer = make(base)
+    x = torch.randn(6, 32, dtype=torch.float64)
+    assert torch.equal(layer(x), base(x))  # zero adapter: dropout must not touch W0 x
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_()
+    assert not torch.allclose(layer(x), layer(x))  # training: a new mask each call
+    layer.eval()
+    assert torch.allclose(layer(x) - base(x), x @ layer.get_delta_weight().T, atol=1e-10)
 
 
 # -----------------------------------------------------------------------------
@@ -261,14 +294,24 @@ def test_merge_under_bfloat16(variant):
         layer.M.mul_(0.02)
     layer = layer.to(torch.bfloat16)
     assert layer.get_delta_weight().dtype == torch.float32  # merge math in float32
+    w0, delta = layer.base.weight.clone(), layer.get_delta_weight()
     x = torch.randn(8, 48, dtype=torch.bfloat16)
     unmerged = layer(x).float()
     layer.merge()
+    assert torch.equal(layer.base.weight, (w0.float() + delta).bfloat16())  # added in float32, rounded once
     merged = layer(x).float()
     assert (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()
 
 
-def test_buffers_follow_dtype():
+def test_buffers_follow_dtype_and_merge_uses_float32_tables():
+    layer = make_mora(24, 40, 2, "rotation", dtype=torch.bfloat16)
+    assert layer.cos.dtype == torch.float32  # built in float32 even for a bfloat16 base
+    bf16 = layer.to(torch.bfloat16)
+    assert bf16.cos.dtype == torch.bfloat16
+    exact = make_mora(24, 40, 2, "rotation", dtype=torch.float64)
+    with torch.no_grad():
+        exact.M.copy_(bf16.M.double())
+    assert torch.allclose(bf16.get_delta_weight().double(), exact.get_delta_weight(), rtol=1e-5, atol=1e-5)
     layer = make_mora(24, 40, 2, "rotation", dtype=torch.float32)
     assert layer.cos.dtype == torch.float32
     layer = layer.double()
@@ -288,6 +331,8 @@ def test_merge_and_reinit_keeps_outputs_and_cycles_groupings():
         assert torch.all(layer.M == 0) and not layer.merged
         assert torch.allclose(layer(x), before, atol=1e-10)
     assert seen == ["sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri", "sharing"]  # official 1 -> 2 -> 3 -> 4 -> 1
+    layer.reset_adapter()  # a plain restart keeps the grouping
+    assert layer.variant == "sharing"
     rot = make_mora(24, 40, 2, "rotation")
     rot.merge_and_reinit()
     assert rot.variant == "rotation"
@@ -338,9 +383,13 @@ def test_rank_of_updates():
         assert torch.linalg.matrix_rank(layer.get_delta_weight()) == 128
 
 
-def test_warns_when_m_is_larger_than_the_full_matrix():
-    with pytest.warns(UserWarning, match="more than the full"):
+def test_warns_once_when_m_is_larger_than_the_full_matrix():
+    mora._warned_shapes.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         MoRALinear(nn.Linear(8, 8), 16, variant="sharing")
+        MoRALinear(nn.Linear(8, 8), 16, variant="sharing")
+    assert len(caught) == 1 and "more than the full 8x8 matrix" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MoRALinear(nn.Linear(64, 64), 4)
@@ -369,6 +418,50 @@ def test_init_scales_residual_projections():
     model = Llama(LlamaConfig.from_preset("9m", vocab_size=64))
     assert abs(model.layers[0].attn.q.weight.std().item() - 0.02) < 0.002
     assert abs(model.layers[0].mlp.down.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
+    assert abs(model.layers[0].attn.o.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
+    assert abs(model.embed.weight.std().item() - 0.02) < 0.002
+
+
+def test_block_matches_a_direct_computation():
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_preset("tiny", vocab_size=11, max_seq_len=8)
+    block = mora.Block(cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 8, cfg.dim)
+    cos, sin = mora.rope_cos_sin(cfg.dim // cfg.n_heads, 8)
+
+    def norm(v, w):
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    def rope(v):  # pairs (j, j + h) turned by position * 10000^(-2j/hd)
+        hd = v.shape[-1]
+        h = hd // 2
+        ang = torch.arange(8)[:, None] * 10000 ** (-torch.arange(h) * 2 / hd)
+        c, s = ang.cos(), ang.sin()
+        return torch.cat([v[..., :h] * c - v[..., h:] * s, v[..., h:] * c + v[..., :h] * s], -1)
+
+    a = block.attn
+    hn = norm(x, block.attn_norm.weight)
+    heads = lambda t: t.view(2, 8, cfg.n_heads, -1).transpose(1, 2)
+    q, k, v = rope(heads(hn @ a.q.weight.T)), rope(heads(hn @ a.k.weight.T)), heads(hn @ a.v.weight.T)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+    att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 8, cfg.dim)
+    h = x + att @ a.o.weight.T
+    m = block.mlp
+    hn = norm(h, block.mlp_norm.weight)
+    expected = h + (torch.nn.functional.silu(hn @ m.gate.weight.T) * (hn @ m.up.weight.T)) @ m.down.weight.T
+    assert torch.allclose(block(x, cos, sin), expected, atol=1e-4)
+
+
+def test_optimizer_decays_matrices_only():
+    model = tiny_model()
+    opt = model.configure_optimizers(0.1, 1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
 
 
 def test_model_is_causal():
@@ -409,6 +502,10 @@ def test_generation_greedy_is_deterministic_and_sampling_runs():
     torch.manual_seed(0)
     s = model.generate(prompt, 8, temperature=1.0, top_k=3)
     assert s.shape == (3, 13) and s.max() < 37
+    assert torch.equal(model.generate(prompt, 8, temperature=1.0, top_k=1), a)  # top-1 sampling is greedy
+    assert torch.equal(model.generate(prompt, 8, temperature=1e-6), a)
+    long = model.generate(torch.randint(0, 37, (1, 30)), 8)  # crops the context to max_seq_len
+    assert long.shape == (1, 38)
 
 
 def test_sequence_too_long_is_an_error():
@@ -488,6 +585,36 @@ def test_adapter_state_dict_round_trip():
     wrong = {k: torch.zeros(3, 3) if k.endswith(".M") else v for k, v in sd.items()}
     with pytest.raises(ValueError, match="shape"):
         load_adapter_state_dict(fresh, wrong)
+    with pytest.raises(ValueError, match="unexpected.*bogus"):
+        load_adapter_state_dict(fresh, {**sd, "bogus": torch.zeros(1)})
+    sharing_sd = adapter_state_dict(apply_adapters(tiny_model(), "mora", r=2, variant="sharing"))
+    rotation = apply_adapters(tiny_model(), "mora", r=2)  # the same r^ (16 and 22), another variant
+    with pytest.raises(ValueError, match="'sharing' into a 'rotation'"):
+        load_adapter_state_dict(rotation, sharing_sd)
+
+
+def test_saved_merged_state_is_not_merged_twice():
+    layer = make_mora(24, 40, 2, "rotation")
+    x = torch.randn(5, 24, dtype=torch.float64)
+    expected = layer(x)
+    layer.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        adapter_state_dict(layer)
+    fresh = make_mora(24, 40, 2, "rotation", seed=5)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.merged and torch.allclose(fresh(x), expected, atol=1e-10)
+    with pytest.raises(ValueError, match="unmerge"):
+        load_adapter_state_dict(fresh, {})
+    plain = merge_and_unload(fresh)
+    assert type(plain) is nn.Linear and torch.allclose(plain(x), expected, atol=1e-10)
+
+
+def test_adapter_state_dict_with_a_module_named_base():
+    model = nn.Module()
+    model.base = nn.Module()
+    model.base.q = nn.Linear(4, 4)
+    apply_adapters(model, "lora", r=2, targets=("q",))
+    assert sorted(adapter_state_dict(model)) == ["base.q.A", "base.q.B", "base.q._extra_state"]
 
 
 # -----------------------------------------------------------------------------
@@ -511,19 +638,28 @@ def test_bad_variant_method_and_targets():
         MoRALinear(nn.Linear(8, 8), 2, variant=5)  # the official type 5 does not run
     with pytest.raises(ValueError, match="'dora'"):
         apply_adapters(tiny_model(), "dora", r=4)
+    model = tiny_model()
     with pytest.raises(ValueError, match="'qq'"):
-        apply_adapters(tiny_model(), "lora", r=4, targets=("q", "qq"))
+        apply_adapters(model, "lora", r=4, targets=("q", "qq"))
+    assert not mora.adapter_layers(model) and model.embed.weight.requires_grad  # left as it was
+    both = apply_adapters(tiny_model(), "lora", r=4, targets=("q", "layers.0.attn.q"))
+    assert len(mora.adapter_layers(both)) == 2
     with pytest.raises(ValueError, match="'norm'.*RMSNorm"):
         apply_adapters(tiny_model(), "lora", r=4, targets=("norm",))
     with pytest.raises(ValueError, match="Embedding"):
         LoRALinear(nn.Embedding(4, 4), 2)
     with pytest.raises(ValueError, match="r\\^=0"):
         MoRALinear(nn.Linear(1, 1), 1, variant="rotation")
-    with pytest.raises(ValueError, match="1.5"):
-        LoRALinear(nn.Linear(4, 4), 2, dropout=1.5)
+    with pytest.raises(ValueError, match="1.0"):
+        LoRALinear(nn.Linear(4, 4), 2, dropout=1.0)
+    with pytest.raises(ValueError, match="None"):
+        MoRALinear(nn.Linear(4, 4), 2, dropout=None)
 
 
 def test_variant_aliases():
-    for number, name in OFFICIAL_TYPES.items():
+    official = {1: "sharing", 2: "sharing_gs_ri", 3: "sharing_gs_t", 4: "sharing_cs_ri", 6: "rotation"}
+    import numpy as np
+    assert MoRALinear(nn.Linear(32, 32), 2, variant=np.int64(6)).variant == "rotation"
+    for number, name in official.items():
         assert MoRALinear(nn.Linear(32, 32), 2, variant=number).variant == name
         assert MoRALinear(nn.Linear(32, 32), 2, variant=str(number)).variant == name
