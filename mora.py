@@ -493,7 +493,8 @@ class MoRALinear(AdapterLinear):
         less work: M R_i = M cos_i + M' sin_i with M' = [M[:, h:], -M[:, :h]], that is, each
         row of M turned by -phi_i: apply_rotary with -sin.
         """
-        return apply_rotary(M, cos.to(M.dtype)[:, None, :], -sin.to(M.dtype)[:, None, :])
+        cos, sin = cos.to(M), sin.to(M)  # M's dtype and device
+        return apply_rotary(M, cos[:, None, :], -sin[:, None, :])
 
     def add_delta_(self, out, x):  # out (N, d) += dW x for x (N, k)
         v, r_hat, M = self.variant, self.r_hat, self.M

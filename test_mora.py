@@ -303,6 +303,30 @@ def test_merge_under_bfloat16(variant):
     assert (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_tensor_is_left_on_another_device(variant):
+    # the meta device stands in for a GPU: mixing it with a CPU tensor fails like cuda + cpu does
+    layer = make_mora(24, 40, 2, variant, dtype=torch.float32).to("meta")
+    assert layer(torch.randn(3, 24, device="meta")).device.type == "meta"
+    assert layer.get_delta_weight().device.type == "meta"
+    layer.dense = not layer.dense
+    assert layer(torch.randn(3, 24, device="meta")).device.type == "meta"
+
+
+@pytest.mark.parametrize("method,kwargs", [("lora", {}), ("mora", {}), ("mora", {"variant": "sharing_cs_ri"})])
+def test_bfloat16_autocast_forward_backward(method, kwargs):
+    model = apply_adapters(tiny_model(), method, r=4, **kwargs)
+    _randomise_adapters(model)
+    idx = torch.randint(0, 37, (2, 12))
+    ref, _ = model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_buffers_follow_dtype_and_merge_uses_float32_tables():
     layer = make_mora(24, 40, 2, "rotation", dtype=torch.bfloat16)
     assert layer.cos.dtype == torch.float32  # built in float32 even for a bfloat16 base
