@@ -687,3 +687,106 @@ def test_variant_aliases():
     for number, name in official.items():
         assert MoRALinear(nn.Linear(32, 32), 2, variant=number).variant == name
         assert MoRALinear(nn.Linear(32, 32), 2, variant=str(number)).variant == name
+
+
+# ---- train_uuid.py ----
+
+import json
+import subprocess
+import sys
+import uuid as uuid_lib
+
+import train_uuid
+
+TINY_UUID_RUN = ["--pairs", "6", "--steps", "4", "--eval-at", "2,4", "--batch-size", "3", "--dim", "16",
+                 "--hidden-dim", "32", "--n-heads", "2", "--n-layers", "1", "--log-every", "2", "--device", "cpu"]
+
+
+def test_uuid_pairs_are_deterministic_and_well_formed():
+    pairs = train_uuid.make_pairs(50, seed=3)
+    assert pairs == train_uuid.make_pairs(50, seed=3)
+    assert pairs != train_uuid.make_pairs(50, seed=4)
+    for key, value in pairs:
+        for text in (key, value):
+            assert len(text) == 36 and uuid_lib.UUID(text).version == 4 and str(uuid_lib.UUID(text)) == text
+    x, y = train_uuid.make_examples(pairs[:2])
+    assert x.shape == y.shape == (2, 73)
+    assert train_uuid.decode(x[0].tolist()) + train_uuid.decode(y[0, -1:].tolist()) == f"{pairs[0][0]}:{pairs[0][1]}\n"
+    _, y_value = train_uuid.make_examples(pairs[:2], loss_on="value")
+    assert (y_value[:, :36] == -100).all() and (y_value[:, 36:] >= 0).all()
+    assert train_uuid.decode(y_value[0, 36:].tolist()) == pairs[0][1] + "\n"  # value and end marker
+
+
+def test_char_accuracy_on_hand_made_strings():
+    acc = train_uuid.char_accuracy
+    assert acc("abcd", "abcd") == 1.0
+    assert acc("wxyz", "abcd") == 0.0
+    assert acc("abzz", "abcd") == 0.5
+    assert acc("ab", "abcd") == 0.5  # too short: the missing characters are wrong
+    assert acc("abcdef", "abcd") == 4 / 6  # too long: the extra characters are wrong
+    assert acc("", "abcd") == 0.0
+
+
+def test_default_learning_rates_and_variant():
+    assert train_uuid.default_lr("lora", 8) == train_uuid.DEFAULT_LR["lora"][8]
+    assert train_uuid.default_lr("mora", 200) == train_uuid.DEFAULT_LR["mora"][256]
+    assert train_uuid.default_lr("mora", 16) == train_uuid.DEFAULT_LR["mora"][8]
+    assert train_uuid.default_variant(8) == "rotation" and train_uuid.default_variant(256) == "sharing"
+
+
+def test_uuid_run_writes_the_documented_json(tmp_path, capsys):
+    out = tmp_path / "runs.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_uuid.main(TINY_UUID_RUN + ["--method", "all", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| method | r |" in printed and "step 4" in printed and "ETA" in printed
+    data = json.loads(out.read_text())
+    assert [(r["method"], r["rank"]) for r in data["runs"]] == train_uuid.ALL_RUNS
+    for run in data["runs"]:
+        assert {"method", "rank", "variant", "trainable_params", "accuracy", "seconds"} <= set(run)
+        assert set(run["accuracy"]) == {"2", "4"} and all(0 <= a <= 100 for a in run["accuracy"].values())
+        assert run["trainable_params"] > 0 and run["seconds"] >= 0
+    lora8, mora8 = data["runs"][1], data["runs"][2]
+    assert mora8["variant"] == "rotation" and lora8["variant"] is None
+    assert abs(mora8["trainable_params"] - lora8["trainable_params"]) < 0.1 * lora8["trainable_params"]
+    assert data["config"]["pairs"] == 6 and data["config"]["eval_at"] == [2, 4]
+
+
+def test_uuid_runs_are_deterministic_on_cpu():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "2", "--loss-on", "value"])
+        b = train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "2", "--loss-on", "value"])
+    assert a[0]["final_loss"] == b[0]["final_loss"] and a[0]["accuracy"] == b[0]["accuracy"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rank", "0"], "--rank must be at least 1, got 0"),
+    (["--pairs", "0"], "--pairs must be at least 1, got 0"),
+    (["--steps", "10", "--eval-at", "5,20"], "got [20]"),
+    (["--method", "dora"], "invalid choice: 'dora'"),
+    (["--variant", "spinning"], "unknown MoRA variant 'spinning'"),
+    (["--lr", "fast"], "got 'fast'"),
+    (["--init-from", "/nonexistent/ckpt.pt"], "no such file '/nonexistent/ckpt.pt'"),
+])
+def test_uuid_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_uuid.parse_args(argv)
+    assert exit_info.value.code != 0 and message in capsys.readouterr().err
+
+
+def test_uuid_bad_argument_is_one_line_not_a_traceback():
+    proc = subprocess.run([sys.executable, "train_uuid.py", "--rank", "-3"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--rank must be at least 1, got -3" in proc.stderr
+
+
+def test_uuid_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": {}}, bad)
+    with pytest.raises(SystemExit, match="not a checkpoint saved by train_tiny_llama.py"):
+        train_uuid.load_pretrained(str(bad), torch.device("cpu"))
+    short = tmp_path / "short.pt"
+    torch.save({"model": {}, "model_args": dict(vocab_size=50, dim=16, hidden_dim=32, n_heads=2, n_layers=1, max_seq_len=32)}, short)
+    with pytest.raises(SystemExit, match="max_seq_len 32, a pair needs 74"):
+        train_uuid.load_pretrained(str(short), torch.device("cpu"))
