@@ -395,7 +395,8 @@ def tile_add_(out, y):
     d, n = out.shape[-1], y.shape[-1]
     whole = d // n * n
     out[..., :whole].unflatten(-1, (-1, n)).add_(y.unsqueeze(-2))
-    out[..., whole:].add_(y[..., : d - whole])
+    if whole < d:  # an empty slice of y would still cost a y-sized zero gradient in the backward pass
+        out[..., whole:].add_(y[..., : d - whole])
 
 
 def interleave_add_(out, y):
