@@ -237,12 +237,16 @@ class AdapterLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x):
-        out = self.base(x)
-        if not self.merged:
-            # Accumulating in place into W0 x saves a full-size temporary: this is safe
-            # because nn.Linear keeps its input, not its output, for the backward pass.
-            self.add_delta_(out.view(-1, self.out_features), self.dropout(x).reshape(-1, self.in_features))
-        return out
+        if self.merged:
+            return self.base(x)
+        # Accumulating in place into W0 x saves a full-size temporary: this is safe because
+        # nn.Linear keeps its input, not its output, for the backward pass. On rows of x, the
+        # base's output is a tensor of its own rather than a view of one, and an in-place update
+        # of a view would make autograd copy the whole gradient in the backward pass.
+        rows = x.reshape(-1, self.in_features)
+        out = self.base(rows)
+        self.add_delta_(out, self.dropout(rows))
+        return out.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def _fold(self, sign):
