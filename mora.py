@@ -362,6 +362,9 @@ def mora_rank(in_features, out_features, r, variant="rotation"):
 
 # Building blocks (Sec. 4). Compressions map the k inputs to r^ values; decompressions add r^
 # values into the d outputs, in place. Each has a 0/1 matrix form, used for merging (in MoRALinear).
+# The decompressions spread y to a full-size tensor and add it to the whole of out: adding through
+# views of out would save that temporary, but autograd then copies out's whole gradient twice in
+# the backward pass (CopySlices), which costs more.
 
 
 def cyclic_pad(x, length):
@@ -397,18 +400,15 @@ def group_sum(x, r_hat):
 def tile_add_(out, y):
     """T: out_i += y_(i mod len(y)); with len(y) >= d this keeps the first d values."""
     d, n = out.shape[-1], y.shape[-1]
-    whole = d // n * n
-    out[..., :whole].unflatten(-1, (-1, n)).add_(y.unsqueeze(-2))
-    if whole < d:  # an empty slice of y would still cost a y-sized zero gradient in the backward pass
-        out[..., whole:].add_(y[..., : d - whole])
+    if n < d:
+        y = y.tile(-(-d // n))
+    out.add_(y[..., :d])
 
 
 def interleave_add_(out, y):
     """RI: out_i += y_g(i), g(i) the group of output i when the d outputs form r^ contiguous groups."""
     (n_big, big), (n_small, small) = _group_sizes(out.shape[-1], y.shape[-1])
-    split = n_big * big
-    out[..., :split].unflatten(-1, (n_big, big)).add_(y[..., :n_big, None])
-    out[..., split:].unflatten(-1, (n_small, small)).add_(y[..., n_big:, None])
+    out.add_(torch.cat([y[..., :n_big].repeat_interleave(big, -1), y[..., n_big:].repeat_interleave(small, -1)], -1))
 
 
 def group_index(n, r_hat):

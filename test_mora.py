@@ -585,3 +585,20 @@ def test_bench_runs_end_to_end_and_writes_every_field(tmp_path, monkeypatch):
     # adapters train M or A, B only, and skip the frozen weights' gradients: fewer FLOPs than fft
     flops = {row["method"]: row["flops_per_step"] for row in model["rows"]}
     assert flops["lora"] < flops["fft"] and flops["mora rotation"] < flops["fft"]
+
+
+@pytest.mark.parametrize("k,d,r", [(40, 6, 4), (6, 40, 4), (9, 9, 8)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_r_hat_above_d_or_k_matches_reference(k, d, r, variant):
+    # the decompressions add a tiled / interleaved copy of y to the whole output: this covers
+    # r^ > d (empty interleave groups, y cut to d) and r^ > k, which GRID does not reach
+    layer = make_mora(k, d, r, variant)
+    assert layer.r_hat > min(k, d)
+    x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, d, dtype=torch.float64)
+    out = layer(x) - layer.base(x)
+    assert torch.allclose(out, x.detach() @ layer.get_delta_weight().T, atol=1e-10)
+    ref = reference_delta(layer, x)
+    for a, b in zip(torch.autograd.grad(out, (x, layer.M), g), torch.autograd.grad(ref, (x, layer.M), g)):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert torch.allclose(out, ref, atol=1e-10)
