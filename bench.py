@@ -44,30 +44,34 @@ MIN_SAMPLE_S = 0.02  # a sample repeats a call until it lasts about this long (t
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (or cuda:N)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute type. Layer level: the layer, its adapter and the input in this type (a model "
                         "loaded for fine-tuning); model level: float32 weights under autocast to it (mixed-precision "
                         "training). Default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--layers", nargs="*", default=DEFAULT_LAYERS, metavar="IN:OUT:R",
-                   help="layer-level cases: in_features:out_features:rank; an empty list skips the layer level")
+                   help="layer-level cases as in_features:out_features:rank (default: %(default)s); "
+                        "an empty list skips the layer level")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
-                   help=f"MoRA variants timed at the layer level ({', '.join(VARIANTS)})")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per forward pass: T at the layer level, "
-                                                            "batch x sequence length at the model level")
-    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="LLaMA preset for the model level")
+                   help=f"MoRA variants timed at the layer level (default: all of {', '.join(VARIANTS)})")
+    p.add_argument("--tokens", type=int, default=2048,
+                   help="tokens per forward pass: T at the layer level, batch x sequence length at the model level "
+                        "(default: 2048)")
+    p.add_argument("--model", default="tiny", choices=list(PRESETS),
+                   help="LLaMA preset of the model level (default: tiny)")
     p.add_argument("--no-model", action="store_true", help="skip the model level")
-    p.add_argument("--model-rank", type=int, default=8, help="rank r of LoRA and MoRA at the model level")
-    p.add_argument("--seq-len", type=int, default=256, help="sequence length at the model level")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the model (a small BPE vocabulary)")
+    p.add_argument("--model-rank", type=int, default=8, help="rank r of LoRA and MoRA at the model level (default: 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="sequence length at the model level (default: 256)")
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="vocabulary of the model level, a small BPE vocabulary (default: 4096)")
     p.add_argument("--matmul-size", type=int, default=4096,
-                   help="n of the n x n @ n x n matmul whose FLOP/s the model's are compared with")
-    p.add_argument("--repeats", type=int, default=10, help="timed samples of each configuration (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each configuration first")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
+                   help="n of the n x n @ n x n matmul whose FLOP/s the model's are compared with (default: 4096)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed samples of each configuration, median reported (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each configuration first (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default: 0)")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
@@ -264,6 +268,22 @@ def count_flops(step):
     return counter.get_total_flops()
 
 
+def training_step(model, x, y, args):
+    """forward + backward (what the FLOPs are counted on), and the whole step with AdamW."""
+    opt = model.configure_optimizers(0.0, 1e-4, device_type=args.device.type)
+
+    def forward_backward():
+        with autocast(args):
+            _, loss = model(x, y)
+        loss.backward()
+
+    def step():
+        forward_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return forward_backward, step
+
+
 def bench_model(args):
     dev = args.device
     if args.tokens % args.seq_len:
@@ -275,25 +295,14 @@ def bench_model(args):
     methods = {"fft": None, "lora": {}, "mora rotation": {"variant": "rotation"}, "mora sharing": {"variant": "sharing"}}
     steps, flops, params = {}, {}, {}
     for name, kwargs in methods.items():
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the same model for every method
         model = Llama(cfg).to(dev)
         if kwargs is not None:
             apply_adapters(model, name.split()[0], r=args.model_rank, **kwargs)
-        opt = model.configure_optimizers(0.0, 1e-4, device_type=dev.type)
-
-        def forward_backward(model=model):
-            with autocast(args):
-                _, loss = model(x, y)
-            loss.backward()
-
-        def step(model=model, opt=opt, forward_backward=forward_backward):
-            forward_backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        forward_backward, steps[name] = training_step(model, x, y, args)
         flops[name] = count_flops(forward_backward)
         model.zero_grad(set_to_none=True)
-        steps[name], params[name] = step, count_parameters(model, trainable_only=True)
+        params[name] = count_parameters(model, trainable_only=True)
 
     # The roofline: one large plain matmul in the same compute type, timed in the same rounds.
     n = args.matmul_size
