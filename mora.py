@@ -254,18 +254,19 @@ class AdapterLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x):
-        out = self.base(x)
         if self.merged:
-            return out
+            return self.base(x)
         # Accumulate into W0 x in place, saving a full-size temporary: nn.Linear keeps its input,
-        # not its output, for the backward pass. (A forward hook on `base` sees W0 x + b only
-        # until this line runs.)
-        x, out2d = self.dropout(x).reshape(-1, self.in_features), out.view(-1, self.out_features)
+        # not its output, for the backward pass. On rows of x, the base's output is a tensor of its
+        # own rather than a view of one (an in-place update of a view would make autograd copy the
+        # whole gradient in the backward pass). A forward hook on `base` sees W0 x + b only.
+        rows = x.reshape(-1, self.in_features)
+        out, rows = self.base(rows), self.dropout(rows)
         if self.dense:  # exact, and cheaper when the factored form is larger than dW itself
-            out2d += x @ self.get_delta_weight().to(x.dtype).T
+            out += rows @ self.get_delta_weight().to(rows.dtype).T
         else:
-            self.add_delta_(out2d, x)
-        return out
+            self.add_delta_(out, rows)
+        return out.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def _fold(self, sign):
@@ -382,6 +383,9 @@ def mora_rank(in_features, out_features, r, variant="rotation"):
 
 # Building blocks (Sec. 4). Compressions map the k inputs to r^ values; decompressions add r^
 # values into the d outputs, in place. Each has a 0/1 matrix form, used for merging (in MoRALinear).
+# The decompressions spread y to a full-size tensor and add it to the whole of out: adding through
+# views of out would save that temporary, but autograd then copies out's whole gradient twice in
+# the backward pass (CopySlices), which costs more.
 
 
 def cyclic_pad(x, length):
@@ -417,17 +421,15 @@ def group_sum(x, r_hat):
 def tile_add_(out, y):
     """T: out_i += y_(i mod len(y)); with len(y) >= d this keeps the first d values."""
     d, n = out.shape[-1], y.shape[-1]
-    whole = d // n * n
-    out[..., :whole].unflatten(-1, (-1, n)).add_(y.unsqueeze(-2))
-    out[..., whole:].add_(y[..., : d - whole])
+    if n < d:
+        y = y.tile(-(-d // n))
+    out.add_(y[..., :d])
 
 
 def interleave_add_(out, y):
     """RI: out_i += y_g(i), g(i) the group of output i when the d outputs form r^ contiguous groups."""
     (n_big, big), (n_small, small) = _group_sizes(out.shape[-1], y.shape[-1])
-    split = n_big * big
-    out[..., :split].unflatten(-1, (n_big, big)).add_(y[..., :n_big, None])
-    out[..., split:].unflatten(-1, (n_small, small)).add_(y[..., n_big:, None])
+    out.add_(torch.cat([y[..., :n_big].repeat_interleave(big, -1), y[..., n_big:].repeat_interleave(small, -1)], -1))
 
 
 def group_index(n, r_hat):

@@ -790,3 +790,61 @@ def test_uuid_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     torch.save({"model": {}, "model_args": dict(vocab_size=50, dim=16, hidden_dim=32, n_heads=2, n_layers=1, max_seq_len=32)}, short)
     with pytest.raises(SystemExit, match="max_seq_len 32, a pair needs 74"):
         train_uuid.load_pretrained(str(short), torch.device("cpu"))
+
+
+# ---- bench.py ----
+
+import json
+
+import bench
+
+
+@pytest.mark.parametrize("k,d,r", GRID)
+def test_bench_rotate_activations_equals_the_layer(k, d, r):
+    # the straightforward rotation bench.py times next to the layer: same outputs and gradients
+    layer = make_mora(k, d, r, "rotation")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = bench.RotateActivations(layer.base, r)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, d, dtype=torch.float64)
+    out, ref = layer(x), plain(x)
+    assert torch.allclose(out, ref, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(out, (x, layer.M), g), torch.autograd.grad(ref, (x, plain.M), g)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_bench_runs_end_to_end_and_writes_every_field(tmp_path, monkeypatch):
+    path = tmp_path / "bench.json"
+    monkeypatch.setattr(bench, "MIN_SAMPLE_S", 0.0)  # one call per sample: this checks the plumbing, not the times
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--threads", "1", "--layers", "12:20:2", "--tokens", "16", "--seq-len", "8", "--vocab-size", "64",
+                    "--matmul-size", "32", "--repeats", "2", "--warmup", "1", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(path.read_text())
+    assert {"device", "dtype", "cpu", "torch_threads", "torch"} <= set(res["machine"])
+    assert res["config"]["tokens"] == 16
+    (layer,) = res["layers"]
+    assert (layer["in_features"], layer["out_features"], layer["r"], layer["tokens"]) == (12, 20, 2, 16)
+    names = [row["name"] for row in layer["rows"]]
+    assert names == ["base", "lora"] + [f"mora {v}" for v in VARIANTS] + ["mora rotation, activations rotated"]
+    for row in layer["rows"]:
+        assert row["ms"] > 0 and len(row["samples_ms"]) == 2 and row["vs_lora"] > 0 and row["vs_base"] > 0
+        assert row["saved_mb"] >= 0 and "peak_mb" in row  # peak memory: CUDA only, None on CPU
+    rows = {row["name"]: row for row in layer["rows"]}
+    assert rows["lora"]["vs_lora"] == 1.0 and rows["base"]["vs_base"] == 1.0
+    assert rows["lora"]["trainable_params"] == 2 * (12 + 20) and rows["mora sharing"]["trainable_params"] == 8 ** 2
+    inference = layer["inference"]
+    assert inference["base_ms"] > 0 and inference["merged_ms"] > 0 and inference["merged_vs_base"] > 0
+    model = res["model"]
+    assert [row["method"] for row in model["rows"]] == ["fft", "lora", "mora rotation", "mora sharing"]
+    assert model["matmul"]["flops_per_s"] > 0 and model["rank"] == 8
+    for row in model["rows"]:
+        assert row["tokens_per_s"] > 0 and row["vs_lora"] > 0 and row["flops_per_step"] > 0
+        assert 0 < row["roofline_fraction"] and row["flops_per_s"] > 0
+    # adapters train M or A, B only, and skip the frozen weights' gradients: fewer FLOPs than fft
+    flops = {row["method"]: row["flops_per_step"] for row in model["rows"]}
+    assert flops["lora"] < flops["fft"] and flops["mora rotation"] < flops["fft"]
