@@ -42,12 +42,12 @@ from mora import (DEFAULT_TARGETS, PRESETS, AdapterLinear, Llama, LlamaConfig, a
                   count_parameters, resolve_variant)
 
 METHODS = ("full", "lora", "relora", "mora", "remora")
-# Peak learning rates on the default CPU setting, from the sweep in the README. The fully trained
-# parameters (every weight in full training; embeddings, head and norms beside adapters) have
-# DEFAULT_LR; the adapters have their own rate, since a step of Adam on A, B or M moves dW by
-# different amounts: LoRA's step is damped by the small A, MoRA's M entries land in dW directly.
-DEFAULT_LR = {"full": 3e-3, "lora": 1e-2, "relora": 1e-2, "mora": 1e-2, "remora": 1e-2}
-DEFAULT_ADAPTER_LR = {"lora": 3e-3, "relora": 3e-3, "mora": 2e-3, "remora": 2e-3}
+# Peak learning rates on the default CPU setting, from the sweep in the README. Every method trains
+# the embeddings, head and norms at DEFAULT_LR. What it trains in the projections q, k, v, o, gate,
+# up, down (the weights themselves, LoRA's A and B, or MoRA's M) has its own rate, since one Adam
+# step moves dW by different amounts: LoRA's is damped by the small A, MoRA's M lands in dW as is.
+DEFAULT_LR = 1e-2
+DEFAULT_PROJ_LR = {"full": 1e-3, "lora": 5e-3, "relora": 5e-3, "mora": 2e-3, "remora": 2e-3}
 
 
 class BadInput(Exception):
@@ -153,12 +153,11 @@ def parse_args(argv=None):
                    help="sequences per micro-batch and process (default: %(default)s)")
     t.add_argument("--grad-accum", type=positive_int, default=1,
                    help="micro-batches per optimizer step (default: %(default)s)")
-    t.add_argument("--lr", type=positive_float,
-                   help=f"peak learning rate of the fully trained parameters (all of them in full training; "
-                        f"embeddings, head and norms beside adapters); default per method: {DEFAULT_LR}")
-    t.add_argument("--adapter-lr", type=positive_float,
-                   help=f"peak learning rate of the adapters (LoRA's A and B, MoRA's M); default per method: "
-                        f"{DEFAULT_ADAPTER_LR}")
+    t.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
+                   help="peak learning rate of the embeddings, head and norms (default: %(default)s)")
+    t.add_argument("--proj-lr", type=positive_float,
+                   help=f"peak learning rate of what trains in the projections: their weights (full), LoRA's "
+                        f"A and B, or MoRA's M; default per method: {DEFAULT_PROJ_LR}")
     t.add_argument("--min-lr-ratio", type=float, default=0.1,
                    help="cosine floor, as a share of the peak (default: %(default)s)")
     t.add_argument("--warmup", type=non_negative_int, help="linear warm-up steps; default steps / 10")
@@ -445,14 +444,24 @@ def build_model(cfg, method, args):
     return model
 
 
-def make_optimizer(model, lr, adapter_lr, weight_decay, device_type):
+def projection_parameters(model):
+    """What a method trains in the projections q, k, v, o, gate, up, down: the adapters' A and B or
+    M, or in full training the weights themselves."""
+    layers = adapter_layers(model)
+    if layers:
+        return [p for _, layer in layers for p in layer.parameters(recurse=False)]
+    return [m.weight for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rpartition(".")[2] in DEFAULT_TARGETS]
+
+
+def make_optimizer(model, lr, proj_lr, weight_decay, device_type):
     """AdamW over the trainable parameters, in groups with their own peak rate ('peak_lr', which the
-    schedule scales): adapters, other matrices (with weight decay), vectors (norms, without)."""
-    adapter_ids = {id(p) for _, layer in adapter_layers(model) for p in layer.parameters(recurse=False)}
-    trained = [p for p in model.parameters() if p.requires_grad]
-    others = [p for p in trained if id(p) not in adapter_ids]
+    schedule scales): the projections, other matrices (embeddings, head), vectors (norms, no decay)."""
+    projections = projection_parameters(model)
+    proj_ids = {id(p) for p in projections}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
     groups = [
-        {"params": [p for p in trained if id(p) in adapter_ids], "peak_lr": adapter_lr, "weight_decay": weight_decay},
+        {"params": projections, "peak_lr": proj_lr, "weight_decay": weight_decay},
         {"params": [p for p in others if p.dim() >= 2], "peak_lr": lr, "weight_decay": weight_decay},
         {"params": [p for p in others if p.dim() < 2], "peak_lr": lr, "weight_decay": 0.0},
     ]
@@ -549,16 +558,16 @@ def format_time(seconds):
 # 6. Training one method
 
 
-def fingerprint(args, cfg, method, lr, adapter_lr, data_meta, world):
+def fingerprint(args, cfg, method, proj_lr, data_meta, world):
     """Everything that shapes a run's curve: a checkpoint resumes only under the same values."""
-    keys = ("seq_len", "freeze_embeddings", "steps", "batch_size", "grad_accum", "min_lr_ratio", "warmup",
+    keys = ("seq_len", "lr", "freeze_embeddings", "steps", "batch_size", "grad_accum", "min_lr_ratio", "warmup",
             "weight_decay", "grad_clip", "seed", "eval_every", "val_tokens")
     merges = method in ("relora", "remora")
-    relevant = {"rank": method != "full", "adapter_lr": method != "full", "lora_alpha": "lora" in method,
+    relevant = {"rank": method != "full", "lora_alpha": "lora" in method,
                 "variant": "mora" in method, "merge_every": merges, "rewarmup": merges}
-    return {"model": vars(cfg), "method": method, "lr": lr, "world_size": world, "encoding": data_meta["encoding"],
+    return {"model": vars(cfg), "method": method, "proj_lr": proj_lr, "world_size": world, "encoding": data_meta["encoding"],
             "data_tokens": [data_meta["train_tokens"], data_meta["val_tokens"]], **{k: getattr(args, k) for k in keys},
-            **{k: adapter_lr if k == "adapter_lr" else getattr(args, k) for k, used in relevant.items() if used}}
+            **{k: getattr(args, k) for k, used in relevant.items() if used}}
 
 
 def save_checkpoint(path, state):
@@ -582,15 +591,14 @@ def train_method(method, args, env, data, run_index, n_runs):
     """Train one method from scratch (or from its checkpoint) and return its results."""
     log, device, autocast, rank, world = env["log"], env["device"], env["autocast"], env["rank"], env["world"]
     enc, train, val_windows, meta = data["enc"], data["train"], data["val_windows"], data["meta"]
-    lr = args.lr or DEFAULT_LR[method]
-    adapter_lr = None if method == "full" else args.adapter_lr or DEFAULT_ADAPTER_LR[method]
+    proj_lr = args.proj_lr or DEFAULT_PROJ_LR[method]
     merges = method in ("relora", "remora")
     cfg = model_config(args, enc.n_vocab)
     raw = build_model(cfg, method, args).to(device)
-    optimizer = make_optimizer(raw, lr, adapter_lr, args.weight_decay, device.type)
+    optimizer = make_optimizer(raw, args.lr, proj_lr, args.weight_decay, device.type)
     batches = torch.Generator().manual_seed(args.seed * 1009 + rank)  # each process draws its own windows
     step, curve, seconds = 0, [], 0.0
-    expected = fingerprint(args, cfg, method, lr, adapter_lr, meta, world)
+    expected = fingerprint(args, cfg, method, proj_lr, meta, world)
     ckpt_path = os.path.join(args.out, f"{method}.pt") if args.out else None
     if ckpt_path and args.resume and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path, expected)
@@ -604,7 +612,7 @@ def train_method(method, args, env, data, run_index, n_runs):
     model = torch.compile(ddp or raw) if args.compile else ddp or raw
     trainable = count_parameters(raw, trainable_only=True)
     detail = "" if method == "full" else f", rank {args.rank}" + (f", {args.variant}" if "mora" in method else "")
-    detail += f", lr {lr:g}" + (f", adapter lr {adapter_lr:g}" if adapter_lr else "")
+    detail += f", lr {proj_lr:g} (projections), {args.lr:g} (embeddings, head, norms)"
     detail += f", merge every {args.merge_every} steps" if merges else ""
     log(f"\n[{run_index + 1}/{n_runs}] {method}: {trainable:,} of {count_parameters(raw):,} parameters trained{detail}")
 
@@ -636,7 +644,7 @@ def train_method(method, args, env, data, run_index, n_runs):
             rate = (step - step_start) / max(time.time() - t_start, 1e-9)
             eta = (args.steps - step + (n_runs - run_index - 1) * args.steps) / max(rate, 1e-9)
             log(f"{method} step {step}/{args.steps} | loss {loss.item():.4f} | "
-                f"lr {lr * lr_factor(step - 1, args, merges):.2e} | {rate * tokens_per_step:,.0f} tok/s | "
+                f"lr {proj_lr * lr_factor(step - 1, args, merges):.2e} | {rate * tokens_per_step:,.0f} tok/s | "
                 f"{format_time(elapsed)} elapsed, ETA {format_time(eta)}"
                 + (" (all runs)" if n_runs - run_index > 1 else ""))
         if step % args.eval_every == 0 or step == args.steps:
@@ -768,9 +776,7 @@ def main(argv=None):
                           "vocab_size": enc.n_vocab, "train_tokens": meta["train_tokens"],
                           "val_tokens": meta["val_tokens"], "device": str(env["device"]), "dtype": env["dtype"],
                           "world_size": env["world"], "torch": torch.__version__,
-                          "lr_per_method": {m: args.lr or DEFAULT_LR[m] for m in methods},
-                          "adapter_lr_per_method": {m: args.adapter_lr or DEFAULT_ADAPTER_LR[m]
-                                                    for m in methods if m != "full"}}
+                          "proj_lr_per_method": {m: args.proj_lr or DEFAULT_PROJ_LR[m] for m in methods}}
                 with open(args.json, "w") as f:
                     json.dump({"runs": runs, "config": config}, f, indent=1)
         if env["rank"] == 0:
