@@ -11,7 +11,7 @@ Read it top to bottom:
   1. command line;
   2. data: C4 shards / .jsonl / .txt, or the English prose that ships with Python;
   3. tokenisation with tiktoken (offline), cached as numpy memmaps (nanoGPT style);
-  4. the five methods and ReLoRA / ReMoRA's merge step (spec Sec. 3);
+  4. the five methods and ReLoRA / ReMoRA's merge step (Sec. 5.3);
   5. the jagged cosine schedule, evaluation (loss, perplexity, bits per byte) and the
      singular values of the accumulated update (Sec. 6.1);
   6. the training loop with checkpoints and DistributedDataParallel;
@@ -96,7 +96,7 @@ def variant_name(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Pretrain a small LLaMA from scratch with full training, LoRA, ReLoRA, MoRA or ReMoRA "
-                    "(MoRA paper, Sec. 5.3). The defaults reproduce the paper's comparison on a laptop CPU.",
+                    "(MoRA paper, Sec. 5.3). The defaults run the paper's comparison on a laptop CPU.",
     )
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", metavar="PATH",
@@ -472,7 +472,7 @@ def make_optimizer(model, lr, proj_lr, weight_decay, device_type):
 
 @torch.no_grad()
 def merge_adapters(model, optimizer, seed):
-    """ReLoRA / ReMoRA's step (spec Sec. 3): W0 += dW, fresh adapters (MoRA's sharing family moves
+    """ReLoRA / ReMoRA's step (Sec. 5.3): W0 += dW, fresh adapters (MoRA's sharing family moves
     to its next grouping), and the Adam moments of the adapters alone are dropped, since they
     belong to the old adapters; the embeddings, head and norms keep theirs.
 
@@ -730,6 +730,8 @@ def setup(args):
         device = torch.device(device)
     except RuntimeError:
         raise BadInput(f"--device {args.device!r} is not a torch device") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput(f"--device {args.device!r}: MPS is not available")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BadInput(f"--device {args.device!r}: CUDA is not available")
