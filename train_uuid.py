@@ -199,7 +199,7 @@ def train_one(method, rank, variant, lr, args, pairs, eval_pairs, device):
         if caught:
             print(f"  note: {caught[0].message}")
     params = count_parameters(model, trainable_only=True)
-    label = method.upper() + (f" r={rank}" if rank else "") + (f" ({variant})" if method == "mora" else "")
+    label = run_label({"method": method, "rank": rank, "variant": variant})
     print(f"\n== {label}: {params:,} trainable parameters, lr {lr:g}, base: {base_desc}")
 
     x_all, y_all = make_examples(pairs, args.loss_on)
@@ -246,23 +246,28 @@ def train_one(method, rank, variant, lr, args, pairs, eval_pairs, device):
 # reporting
 
 
+def run_label(run):
+    if run["method"] == "fft":
+        return "FFT"
+    return ("LoRA" if run["method"] == "lora" else f"MoRA ({run['variant']})") + f" r={run['rank']}"
+
+
 def markdown_table(runs, eval_at):
-    head = "| method | r | trainable params | lr | " + " | ".join(f"step {s}" for s in eval_at) + " | time |"
-    rows = [head, "|" + "---|" * (len(eval_at) + 5)]
+    head = "| run | trainable params | lr | " + " | ".join(f"step {s}" for s in eval_at) + " | time |"
+    rows = [head, "|" + "---|" * (len(eval_at) + 4)]
     for r in runs:
-        name = r["method"].upper() if r["method"] == "fft" else ("LoRA" if r["method"] == "lora" else f"MoRA ({r['variant']})")
         accs = " | ".join(f"{r['accuracy'][str(s)]:.1f}" for s in eval_at)
-        rows.append(f"| {name} | {r['rank'] or '-'} | {r['trainable_params']:,} | {r['lr']:g} | {accs} | {r['seconds']:.0f}s |")
+        rows.append(f"| {run_label(r)} | {r['trainable_params']:,} | {r['lr']:g} | {accs} | {r['seconds']:.0f}s |")
     return "\n".join(rows)
 
 
 def rank_table(runs):
     projs = list(runs[0]["update_rank"])
-    rows = ["| method | r | lr | " + " | ".join(f"{p} {runs[0]['update_rank'][p]['shape'][0]}x{runs[0]['update_rank'][p]['shape'][1]}" for p in projs) + " |",
-            "|" + "---|" * (len(projs) + 3)]
+    rows = ["| run | lr | " + " | ".join(f"{p} {runs[0]['update_rank'][p]['shape'][0]}x{runs[0]['update_rank'][p]['shape'][1]}" for p in projs) + " |",
+            "|" + "---|" * (len(projs) + 2)]
     for r in runs:
         cells = " | ".join(f"{r['update_rank'][p]['above_abs']:.0f} / {r['update_rank'][p]['above_rel']:.0f}" for p in projs)
-        rows.append(f"| {r['method']} | {r['rank'] or '-'} | {r['lr']:g} | {cells} |")
+        rows.append(f"| {run_label(r)} | {r['lr']:g} | {cells} |")
     return "\n".join(rows)
 
 
@@ -277,7 +282,7 @@ def plot(runs, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
         steps = [int(s) for s in r["accuracy"]]
-        label = r["method"].upper() + (f" r={r['rank']}" if r["rank"] else "") + (f" lr={r['lr']:g}" if len(runs) > 5 else "")
+        label = run_label(r) + (f", lr {r['lr']:g}" if len(runs) > len(ALL_RUNS) else "")
         ax.plot(steps, list(r["accuracy"].values()), marker="o", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("value character accuracy (%)")
