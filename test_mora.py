@@ -740,7 +740,7 @@ def test_uuid_run_writes_the_documented_json(tmp_path, capsys):
         warnings.simplefilter("ignore")
         train_uuid.main(TINY_UUID_RUN + ["--method", "all", "--json", str(out)])
     printed = capsys.readouterr().out
-    assert "| method | r |" in printed and "step 4" in printed and "ETA" in printed
+    assert "| run | trainable params |" in printed and "| LoRA r=256 |" in printed and "step 4" in printed and "ETA" in printed
     data = json.loads(out.read_text())
     assert [(r["method"], r["rank"]) for r in data["runs"]] == train_uuid.ALL_RUNS
     for run in data["runs"]:
