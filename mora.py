@@ -169,7 +169,7 @@ class Llama(nn.Module):
         logits = self.head(self.norm(h))  # (B, T, V)
         loss = None
         if targets is not None:  # positions marked -100 are ignored
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()

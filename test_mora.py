@@ -506,6 +506,8 @@ def test_loss_ignores_minus_100_and_overfits_one_batch():
     targets[:, -1] = -100
     _, loss0 = model(idx, targets)
     assert abs(loss0.item() - math.log(37)) < 0.3
+    _, same = model(idx, targets.T.contiguous().T)  # non-contiguous targets work too
+    assert torch.equal(same, loss0)
     opt = model.configure_optimizers(0.0, 3e-3)
     for _ in range(30):
         _, loss = model(idx, targets)
