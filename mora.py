@@ -512,12 +512,13 @@ class MoRALinear(AdapterLinear):
             else:
                 interleave_add_(out, y)
         else:  # decoupling / rotation: every block of x~ gets its own M_i, outputs concatenated
-            blocks = cyclic_pad(x, self.n_blocks * r_hat).unflatten(-1, (self.n_blocks, r_hat))
-            if v == "decoupling":
-                y = blocks @ M.T
-            else:
-                y = torch.einsum("nbr,bsr->nbs", blocks, self.rotated_blocks(M, self.cos, self.sin))
-            tile_add_(out, y.flatten(-2))  # keep the first d, or tile when shorter than d
+            x = cyclic_pad(x, self.n_blocks * r_hat)  # (N, n_blocks r^)
+            if v == "decoupling":  # M_i = M: one matmul over all the blocks
+                y = (x.unflatten(-1, (self.n_blocks, r_hat)) @ M.T).flatten(-2)
+            else:  # block by block on views of x, so that no copy of the activations is made or kept
+                blocks = zip(x.split(r_hat, dim=-1), self.rotated_blocks(M, self.cos, self.sin))
+                y = torch.cat([x_i @ M_i.T for x_i, M_i in blocks], dim=-1)
+            tile_add_(out, y)  # keep the first d, or tile when shorter than d
 
     def get_delta_weight(self):
         """The explicit (d, k) update, so that forward(x) - W0 x == dW x; in float32 at least
