@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default: 0)")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    if not args.no_model and args.tokens % args.seq_len:  # checked before the long layer level
+        raise SystemExit(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}")
     args.device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
@@ -90,9 +92,7 @@ def sync(device):
 
 def autocast(args):
     """Mixed-precision training for bfloat16: float32 weights, matmuls in bfloat16."""
-    if args.dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(args.device.type, dtype=torch.bfloat16)
+    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
 
 def time_round_robin(fns, args):
@@ -140,8 +140,7 @@ def saved_for_backward_mb(forward, exclude):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
+        forward()
     return sum(kept.values()) / 2**20
 
 
@@ -166,8 +165,9 @@ class RotateActivations(MoRALinear):
     per block) is rotated before the shared M. Same outputs as MoRALinear(variant="rotation"),
     which instead rotates M (r^ x r^ per block): much less data to turn when N is large."""
 
-    def __init__(self, base, r, dropout=0.0):
-        super().__init__(base, r, variant="rotation", dropout=dropout)
+    def __init__(self, base, r):
+        super().__init__(base, r, variant="rotation")
+        self.dense = False  # a yardstick of the block formulation: never the dense shortcut
 
     def add_delta_(self, out, x):
         blocks = cyclic_pad(x, self.n_blocks * self.r_hat).unflatten(-1, (self.n_blocks, self.r_hat))
@@ -286,8 +286,6 @@ def training_step(model, x, y, args):
 
 def bench_model(args):
     dev = args.device
-    if args.tokens % args.seq_len:
-        raise SystemExit(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}")
     cfg = LlamaConfig.from_preset(args.model, vocab_size=args.vocab_size, max_seq_len=args.seq_len)
     torch.manual_seed(args.seed)
     data = torch.randint(args.vocab_size, (args.tokens // args.seq_len, args.seq_len + 1), device=dev)
@@ -359,17 +357,17 @@ def main(argv=None):
     info = machine(args)
     print(", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"median of {args.repeats} samples after {args.warmup} warm-up calls, configurations interleaved")
+    shapes = [parse_layer(spec) for spec in args.layers]  # every spec checked before any timing
     layers = []
-    for spec in args.layers:
-        layers.append(bench_layer(*parse_layer(spec), args))
+    for shape in shapes:
+        layers.append(bench_layer(*shape, args))
         print_layer(layers[-1])
     model = None if args.no_model else bench_model(args)
     if model:
         print_model(model)
     if args.json:
-        config = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=info, config=config, layers=layers, model=model), f, indent=1)
+        with open(args.json, "w") as f:  # default=str writes the torch.device
+            json.dump(dict(machine=info, config=vars(args), layers=layers, model=model), f, indent=1, default=str)
         print(f"\nwrote {args.json}")
 
 
