@@ -39,6 +39,11 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
 
+    def __post_init__(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim {self.dim} does not split into n_heads {self.n_heads} heads of even size "
+                             f"(rotary embedding turns pairs of dimensions)")
+
     @classmethod
     def from_preset(cls, name, **overrides):
         if name not in PRESETS:
@@ -98,8 +103,6 @@ def apply_rotary(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        if cfg.dim % cfg.n_heads:
-            raise ValueError(f"dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
         self.n_heads = cfg.n_heads
         self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -551,7 +554,7 @@ class MoRALinear(AdapterLinear):
         dw = torch.zeros(self.n_blocks * r_hat, k, dtype=dtype, device=dev)
         for i, block in enumerate(blocks):
             rows = slice(i * r_hat, (i + 1) * r_hat)
-            dw[rows].index_add_(1, torch.arange(i * r_hat, (i + 1) * r_hat, device=dev) % k, block.to(dev))
+            dw[rows].index_add_(1, torch.arange(i * r_hat, (i + 1) * r_hat, device=dev) % k, block)
         return dw[torch.arange(d, device=dev) % dw.shape[0]]  # first d rows, tiled when fewer
 
     def get_extra_state(self):  # the grouping changes under ReMoRA, so it travels with M

@@ -416,10 +416,21 @@ def token_byte_lengths(enc):
 
 def model_config(args, vocab_size):
     overrides = {k: getattr(args, k) for k in ("dim", "hidden_dim", "n_heads", "n_layers") if getattr(args, k)}
-    cfg = LlamaConfig.from_preset(args.preset, vocab_size=vocab_size, max_seq_len=args.seq_len, **overrides)
-    if cfg.dim % cfg.n_heads or (cfg.dim // cfg.n_heads) % 2:
-        raise BadInput(f"--dim {cfg.dim} must split into --n-heads {cfg.n_heads} heads of even size (rotary pairs)")
-    return cfg
+    try:
+        return LlamaConfig.from_preset(args.preset, vocab_size=vocab_size, max_seq_len=args.seq_len, **overrides)
+    except ValueError as e:  # say it in the flags' names
+        raise BadInput(f"--dim / --n-heads: {e}") from None
+
+
+def initial_model(cfg, seed):
+    """The seeded initialisation every method starts from (and W_init of Sec. 6.1)."""
+    torch.manual_seed(seed)
+    return Llama(cfg)
+
+
+def target_projections(model):
+    """(name, module) of the projections q, k, v, o, gate, up, down: nn.Linear, or adapted."""
+    return [(name, m) for name, m in model.named_modules() if name.rpartition(".")[2] in DEFAULT_TARGETS]
 
 
 def build_model(cfg, method, args):
@@ -428,8 +439,7 @@ def build_model(cfg, method, args):
     Full training trains every weight; LoRA / MoRA freeze the projections W0 and train adapters
     on q, k, v, o, gate, up, down; ReLoRA / ReMoRA are the same layers, merged every T steps.
     """
-    torch.manual_seed(args.seed)
-    model = Llama(cfg)
+    model = initial_model(cfg, args.seed)
     if method == "full":
         return model
     if method in ("lora", "relora"):
@@ -450,8 +460,7 @@ def projection_parameters(model):
     layers = adapter_layers(model)
     if layers:
         return [p for _, layer in layers for p in layer.parameters(recurse=False)]
-    return [m.weight for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rpartition(".")[2] in DEFAULT_TARGETS]
+    return [m.weight for _, m in target_projections(model)]
 
 
 def make_optimizer(model, lr, proj_lr, weight_decay, device_type):
@@ -525,10 +534,10 @@ def evaluate(model, windows, batch_size, autocast):
 def effective_weights(model):
     """W0 + dW of every targeted projection (with adapters), or its weight (full training)."""
     weights = {}
-    for name, module in model.named_modules():
+    for name, module in target_projections(model):
         if isinstance(module, AdapterLinear):
             weights[name] = module.base.weight.float() + (0 if module.merged else module.get_delta_weight().float())
-        elif isinstance(module, nn.Linear) and name.rpartition(".")[2] in DEFAULT_TARGETS:
+        else:
             weights[name] = module.weight.float()
     return weights
 
@@ -538,8 +547,7 @@ def singular_value_counts(model, cfg, seed, threshold):
     """Sec. 6.1: the number of singular values above `threshold` of the accumulated update
     W_final - W_init of each projection. W_init is rebuilt from the seed, so it costs no memory
     during training. Returns (mean count per matrix, mean min(d, k))."""
-    torch.manual_seed(seed)
-    initial = effective_weights(Llama(cfg))
+    initial = effective_weights(initial_model(cfg, seed))
     final = effective_weights(model)
     counts, sizes = [], []
     for name, w0 in initial.items():
@@ -588,12 +596,13 @@ def load_checkpoint(path, expected):
 
 
 def train_method(method, args, env, data, run_index, n_runs):
-    """Train one method from scratch (or from its checkpoint) and return its results."""
+    """Train one method from scratch (or from its checkpoint); returns its results and, on the first
+    process, its singular-value counts (mean count, mean min(d, k)); elsewhere None."""
     log, device, autocast, rank, world = env["log"], env["device"], env["autocast"], env["rank"], env["world"]
     enc, train, val_windows, meta = data["enc"], data["train"], data["val_windows"], data["meta"]
     proj_lr = args.proj_lr or DEFAULT_PROJ_LR[method]
     merges = method in ("relora", "remora")
-    cfg = model_config(args, enc.n_vocab)
+    cfg = data["cfg"]
     raw = build_model(cfg, method, args).to(device)
     optimizer = make_optimizer(raw, args.lr, proj_lr, args.weight_decay, device.type)
     batches = torch.Generator().manual_seed(args.seed * 1009 + rank)  # each process draws its own windows
@@ -619,10 +628,12 @@ def train_method(method, args, env, data, run_index, n_runs):
     if not curve:  # the loss of the initial model opens the curve
         curve.append([0, evaluate(raw, val_windows, args.batch_size, autocast)])
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
+    trained = [p for p in raw.parameters() if p.requires_grad]  # merges reset them in place: the same set
     t_start, step_start = time.time(), step
     while step < args.steps:
+        factor = lr_factor(step, args, merges)
         for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * lr_factor(step, args, merges)
+            group["lr"] = group["peak_lr"] * factor
         for micro in range(args.grad_accum):
             x, y = get_batch(train, args.batch_size, args.seq_len, batches)
             if ddp:  # synchronise gradients on the last micro-batch only
@@ -631,7 +642,7 @@ def train_method(method, args, env, data, run_index, n_runs):
                 _, loss = model(x.to(device), y.to(device))
             (loss / args.grad_accum).backward()
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -644,7 +655,7 @@ def train_method(method, args, env, data, run_index, n_runs):
             rate = (step - step_start) / max(time.time() - t_start, 1e-9)
             eta = (args.steps - step + (n_runs - run_index - 1) * args.steps) / max(rate, 1e-9)
             log(f"{method} step {step}/{args.steps} | loss {loss.item():.4f} | "
-                f"lr {proj_lr * lr_factor(step - 1, args, merges):.2e} | {rate * tokens_per_step:,.0f} tok/s | "
+                f"lr {proj_lr * factor:.2e} | {rate * tokens_per_step:,.0f} tok/s | "
                 f"{format_time(elapsed)} elapsed, ETA {format_time(eta)}"
                 + (" (all runs)" if n_runs - run_index > 1 else ""))
         if step % args.eval_every == 0 or step == args.steps:
@@ -668,10 +679,10 @@ def train_method(method, args, env, data, run_index, n_runs):
               "val_loss": val_loss, "val_ppl": math.exp(val_loss),
               "bits_per_byte": val_loss / math.log(2) * data["tokens_per_byte"],
               "tokens": step * tokens_per_step, "seconds": round(seconds, 1), "curve": curve}
+    sv_count = None
     if rank == 0:
         raw.eval()
-        sv, size = singular_value_counts(raw, cfg, args.seed, args.sv_threshold)
-        env["sv_counts"][method] = (sv, size)
+        sv_count = sv, size = singular_value_counts(raw, cfg, args.seed, args.sv_threshold)
         log(f"{method}: val loss {val_loss:.4f}, ppl {result['val_ppl']:.2f}, {result['bits_per_byte']:.3f} bits/byte; "
             f"W_final - W_init has {sv:.1f} of {size:.0f} singular values above {args.sv_threshold:g} per matrix")
         if args.sample_tokens:
@@ -679,7 +690,7 @@ def train_method(method, args, env, data, run_index, n_runs):
             with autocast:
                 sample = raw.generate(prompt, args.sample_tokens)[0].tolist()
             log(f"{method} sample (greedy): {enc.decode(sample)!r}")
-    return result
+    return result, sv_count
 
 
 # -----------------------------------------------------------------------------
@@ -744,7 +755,7 @@ def setup(args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     log = print if rank == 0 else (lambda *a, **k: None)
     return {"rank": rank, "world": world, "device": device, "autocast": autocast, "log": log,
-            "dtype": "bfloat16" if use_bf16 else "float32", "sv_counts": {}}
+            "dtype": "bfloat16" if use_bf16 else "float32"}
 
 
 def main(argv=None):
@@ -758,7 +769,7 @@ def main(argv=None):
                 raise BadInput(f"{os.path.join(args.out, method + '.pt')} exists; pass --resume to continue it, "
                                f"or choose another --out")
         enc = get_encoding(args.encoding, args.vocab_size)
-        model_config(args, enc.n_vocab)  # reject a bad shape before tokenising
+        cfg = model_config(args, enc.n_vocab)  # rejects a bad shape before tokenising
         train, val, meta = load_data(args, enc, env["rank"], log)
         # The fixed validation set: consecutive windows from the start of the held-out documents.
         n_windows = min(args.val_tokens, len(val) - 1) // args.seq_len
@@ -766,23 +777,24 @@ def main(argv=None):
                                                  for i in range(n_windows)]).astype(np.int64))
         targets = val_windows[:, 1:].numpy()
         tokens_per_byte = targets.size / token_byte_lengths(enc)[targets].sum()  # for bits per byte
-        data = {"enc": enc, "train": train, "val_windows": val_windows, "meta": meta, "tokens_per_byte": tokens_per_byte}
+        data = {"cfg": cfg, "enc": enc, "train": train, "val_windows": val_windows, "meta": meta, "tokens_per_byte": tokens_per_byte}
         log(f"{enc.name}: {enc.n_vocab:,} tokens; {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation "
             f"tokens ({len(val_windows)} validation windows of {args.seq_len}); device {env['device']}, {env['dtype']}"
             + (f", {env['world']} processes" if env["world"] > 1 else ""))
-        runs = []
+        config = {**vars(args), "model": vars(cfg), "encoding": enc.name,
+                  "vocab_size": enc.n_vocab, "train_tokens": meta["train_tokens"],
+                  "val_tokens": meta["val_tokens"], "device": str(env["device"]), "dtype": env["dtype"],
+                  "world_size": env["world"], "torch": torch.__version__,
+                  "proj_lr_per_method": {m: args.proj_lr or DEFAULT_PROJ_LR[m] for m in methods}}
+        runs, sv_counts = [], {}
         for i, method in enumerate(methods):
-            runs.append(train_method(method, args, env, data, i, len(methods)))
+            result, sv_counts[method] = train_method(method, args, env, data, i, len(methods))
+            runs.append(result)
             if args.json and env["rank"] == 0:  # rewritten after every run, so a long job keeps its results
-                config = {**vars(args), "model": vars(model_config(args, enc.n_vocab)), "encoding": enc.name,
-                          "vocab_size": enc.n_vocab, "train_tokens": meta["train_tokens"],
-                          "val_tokens": meta["val_tokens"], "device": str(env["device"]), "dtype": env["dtype"],
-                          "world_size": env["world"], "torch": torch.__version__,
-                          "proj_lr_per_method": {m: args.proj_lr or DEFAULT_PROJ_LR[m] for m in methods}}
                 with open(args.json, "w") as f:
                     json.dump({"runs": runs, "config": config}, f, indent=1)
         if env["rank"] == 0:
-            print_table(runs, env["sv_counts"], args.sv_threshold, log)
+            print_table(runs, sv_counts, args.sv_threshold, log)
             if args.json:
                 log(f"wrote {args.json}")
             if args.plot:
