@@ -729,23 +729,27 @@ def plot_curves(runs, path, log):
     log(f"wrote {path}")
 
 
+def resolve_device(name):
+    """'auto' (the best available: cuda, mps, cpu) or a torch device that this machine has."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInput(f"--device {name!r} is not a torch device") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput(f"--device {name!r}: MPS is not available")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name!r}: CUDA is not available")
+    return device
+
+
 def setup(args):
     """Processes (torchrun sets RANK / WORLD_SIZE), device and precision."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        device = args.device
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"--device {args.device!r} is not a torch device") from None
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise BadInput(f"--device {args.device!r}: MPS is not available")
+    device = resolve_device(args.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BadInput(f"--device {args.device!r}: CUDA is not available")
         device = torch.device("cuda", local_rank if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = args.dtype != "float32"  # --dtype float32: true float32

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import uuid
 import warnings
@@ -24,8 +23,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from mora import (Llama, LlamaConfig, adapter_layers, adapter_state_dict, apply_adapters, count_parameters,
-                  merge_and_unload)
+import train_tiny_llama
+from mora import (DEFAULT_TARGETS, Llama, LlamaConfig, adapter_layers, adapter_state_dict, apply_adapters,
+                  count_parameters, merge_and_unload)
 
 # Character-level tokens: a UUID is 32 hex digits and 4 dashes, so 16 + 1 characters, plus the
 # ":" between key and value and "\n" to end a pair. A subword tokenizer would cut the random hex
@@ -128,7 +128,6 @@ def load_pretrained(path, device):
     """A model saved by train_tiny_llama.py (any method: adapters are merged into their layers),
     with its vocabulary cut down to our characters, each a single token of its own encoding."""
     from types import SimpleNamespace
-    import train_tiny_llama
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         fp = ckpt["fingerprint"]
@@ -137,9 +136,7 @@ def load_pretrained(path, device):
         raise SystemExit(f"error: {path} is not a checkpoint saved by train_tiny_llama.py") from None
     if cfg.max_seq_len < SEQ_LEN:
         raise SystemExit(f"error: {path} has max_seq_len {cfg.max_seq_len}, a pair needs {SEQ_LEN} (train it with --seq-len {SEQ_LEN} or more)")
-    settings = SimpleNamespace(seed=fp["seed"], freeze_embeddings=fp["freeze_embeddings"], rank=fp.get("rank"),
-                               lora_alpha=fp.get("lora_alpha"), variant=fp.get("variant"))
-    model = train_tiny_llama.build_model(cfg, fp["method"], settings)
+    model = train_tiny_llama.build_model(cfg, fp["method"], SimpleNamespace(**fp))  # the run's own settings
     model.load_state_dict(ckpt["model"])
     model = merge_and_unload(model)
     name, n_vocab = fp["encoding"], cfg.vocab_size  # a cut vocabulary is named <encoding>_<size>
@@ -168,6 +165,7 @@ def lr_at(step, max_lr, warmup, total):
     return max_lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
+@torch.no_grad()
 def update_ranks(model, initial, abs_tol, rel_tol):
     """Singular values of each projection's learnt update dW above abs_tol (the paper's 0.1, Sec. 6.1)
     and above rel_tol * the largest, averaged over layers, per projection name."""
@@ -177,11 +175,12 @@ def update_ranks(model, initial, abs_tol, rel_tol):
     else:  # full fine-tuning: the change of each projection's weight
         updates = [(n.removesuffix(".weight"), p.detach().float() - initial[n]) for n, p in model.named_parameters() if n in initial]
     for name, dw in updates:
-        s = torch.linalg.svdvals(dw.float().cpu())
+        s = torch.linalg.svdvals(dw.cpu())  # float32 on both paths
         proj = name.rsplit(".", 1)[-1]
         c = counts.setdefault(proj, {"shape": list(dw.shape), "abs": [], "rel": []})
         c["abs"].append(int((s > abs_tol).sum()))
-        c["rel"].append(int((s > rel_tol * s.max()).sum()) if s.max() > 0 else 0)
+        largest = s.max()
+        c["rel"].append(int((s > rel_tol * largest).sum()) if largest > 0 else 0)
     return {p: {"shape": c["shape"], "above_abs": sum(c["abs"]) / len(c["abs"]), "above_rel": sum(c["rel"]) / len(c["rel"])}
             for p, c in counts.items()}
 
@@ -189,7 +188,8 @@ def update_ranks(model, initial, abs_tol, rel_tol):
 def train_one(method, rank, variant, lr, args, pairs, eval_pairs, device):
     model, base_desc = base_model(args, device)
     if method == "fft":
-        initial = {n: p.detach().float().clone() for n, p in model.named_parameters() if n.endswith(("q.weight", "k.weight", "v.weight", "o.weight", "gate.weight", "up.weight", "down.weight"))}
+        initial = {n: p.detach().float().clone() for n, p in model.named_parameters()
+                   if n.removesuffix(".weight").rpartition(".")[2] in DEFAULT_TARGETS}
     else:
         initial = None
         kwargs = {"variant": variant} if method == "mora" else {"alpha": args.lora_alpha}
@@ -207,12 +207,12 @@ def train_one(method, rank, variant, lr, args, pairs, eval_pairs, device):
     optimizer = model.configure_optimizers(args.weight_decay, lr, betas=(0.9, 0.999), device_type=device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every method
-    order, pos = torch.randperm(len(pairs), generator=gen), 0
-    accuracy, t0, tokens, last_loss = {}, time.time(), 0, float("nan")
+    order, pos = torch.randperm(len(pairs), generator=gen).to(device), 0
+    accuracy, t0, tokens = {}, time.time(), 0
     for step in range(1, args.steps + 1):
         if pos + args.batch_size > len(pairs):  # a new epoch
-            order, pos = torch.randperm(len(pairs), generator=gen), 0
-        idx = order[pos:pos + args.batch_size].to(device)
+            order, pos = torch.randperm(len(pairs), generator=gen).to(device), 0
+        idx = order[pos:pos + args.batch_size]
         pos += args.batch_size
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step - 1, lr, args.warmup, args.steps)
@@ -222,12 +222,12 @@ def train_one(method, rank, variant, lr, args, pairs, eval_pairs, device):
         loss.backward()
         optimizer.step()
         tokens += idx.numel() * x_all.shape[1]
-        last_loss = loss.item()
         acc_msg = ""
         if step in args.eval_at:
             accuracy[step] = evaluate(model, eval_pairs, device, autocast)
             acc_msg = f" | acc {accuracy[step]:5.1f}%"
-        if step % args.log_every == 0 or acc_msg or step == args.steps:
+        if step % args.log_every == 0 or acc_msg or step == args.steps:  # always at the last step
+            last_loss = loss.item()  # only here: .item() waits for the GPU
             elapsed = time.time() - t0
             print(f"  step {step:4d}/{args.steps} | loss {last_loss:.4f}{acc_msg} | {tokens / elapsed:7.0f} tok/s"
                   f" | {elapsed:5.0f}s elapsed, ETA {elapsed / step * (args.steps - step):4.0f}s", flush=True)
@@ -237,7 +237,7 @@ def train_one(method, rank, variant, lr, args, pairs, eval_pairs, device):
         os.makedirs(args.out, exist_ok=True)
         state = model.state_dict() if method == "fft" else adapter_state_dict(model)
         torch.save(state, os.path.join(args.out, f"{method}{'_r' + str(rank) if rank else ''}.pt"))
-    return {"method": method, "rank": rank, "variant": variant if method == "mora" else None,
+    return {"method": method, "rank": rank, "variant": variant,
             "trainable_params": params, "lr": lr, "accuracy": {str(s): round(a, 2) for s, a in accuracy.items()},
             "final_loss": last_loss, "seconds": round(seconds, 1), "update_rank": ranks}
 
@@ -303,7 +303,7 @@ def parse_args(argv=None):
     p.add_argument("--method", default="mora", choices=["fft", "lora", "mora", "all"],
                    help="fft: train every weight; lora / mora: adapters on q,k,v,o,gate,up,down; all: the paper's five rows (default: mora)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r; MoRA gets the same parameter budget (default: 8; ignored by fft and all)")
-    p.add_argument("--variant", default=None, help="MoRA variant, name or official number (default: rotation below rank 128, sharing from 128)")
+    p.add_argument("--variant", type=train_tiny_llama.variant_name, default=None, help="MoRA variant, name or official number (default: rotation below rank 128, sharing from 128)")
     p.add_argument("--pairs", type=int, default=100, help="number of key-value pairs (default: 100)")
     p.add_argument("--steps", type=int, default=900, help="optimizer steps (default: 900)")
     p.add_argument("--eval-at", default="100,300,500,700,900",
@@ -323,7 +323,7 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from a model saved by train_tiny_llama.py --out (any method; its shape replaces --dim etc.) instead of a random one")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs, the initial model and the batch order (default: 0)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: auto, the best available)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -346,12 +346,6 @@ def parse_args(argv=None):
     bad = [s for s in args.eval_at if not 1 <= s <= args.steps]
     if bad or not args.eval_at:
         p.error(f"--eval-at steps must lie in 1..{args.steps} (--steps), got {bad or args.eval_at}")
-    if args.variant is not None:
-        from mora import resolve_variant
-        try:
-            args.variant = resolve_variant(args.variant)
-        except ValueError as e:
-            p.error(str(e))
     if args.lr is not None:
         try:
             args.lr = [float(s) for s in args.lr.split(",") if s.strip()]
@@ -364,23 +358,14 @@ def parse_args(argv=None):
     return args
 
 
-def pick_device(name):
-    if name:
-        if name not in ("cuda", "mps", "cpu") and not name.startswith("cuda:"):
-            raise SystemExit(f"error: unknown device {name!r}; use cuda, mps or cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    try:
+        device = train_tiny_llama.resolve_device(args.device)
+    except train_tiny_llama.BadInput as e:
+        raise SystemExit(f"error: {e}") from None
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     pairs = make_pairs(args.pairs, args.seed)
