@@ -665,5 +665,27 @@ def load_adapter_state_dict(model, state_dict, strict=True):
     return model
 
 
+@torch.no_grad()
+def effective_weights(model, targets=DEFAULT_TARGETS):
+    """{name: W0 + dW} in float32 for every layer named in targets: adapted (merged or not) or a
+    plain nn.Linear (full training). The difference of two such snapshots is the learnt update."""
+    weights = {}
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] not in targets:
+            continue
+        if isinstance(module, AdapterLinear):
+            w = module.base.weight.float()
+            weights[name] = w if module.merged else w + module.get_delta_weight().float()
+        elif isinstance(module, nn.Linear):
+            weights[name] = module.weight.float()
+    return weights
+
+
+@torch.no_grad()
+def count_singular_values(update, threshold=0.1):
+    """Sec. 6.1: the number of singular values of an update dW above threshold (the paper's 0.1)."""
+    return int((torch.linalg.svdvals(update.detach().float().cpu()) > threshold).sum())
+
+
 def count_parameters(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

