@@ -192,14 +192,22 @@ class Llama(nn.Module):
             idx = torch.cat([idx, next_id], dim=1)
         return idx
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW over the trainable parameters; matrices decay, norms do not."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu", projection_lr=None):
+        """AdamW over the trainable parameters; matrices decay, norms do not. With projection_lr,
+        what trains in the projections q ... down (the adapters, or the weights themselves in full
+        training) has that rate. Each group keeps its rate as 'peak_lr', for a schedule to scale."""
         params = [p for p in self.parameters() if p.requires_grad]
+        projection = set()
+        if projection_lr is not None:
+            adapters = [m for m in self.modules() if isinstance(m, AdapterLinear)]
+            linears = [m for n, m in self.named_modules() if n.rpartition(".")[2] in DEFAULT_TARGETS]
+            projection = {id(p) for m in adapters or linears for p in m.parameters(recurse=False) if p.requires_grad}
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if id(p) in projection], "weight_decay": weight_decay, "peak_lr": projection_lr},
+            {"params": [p for p in params if id(p) not in projection and p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in projection and p.dim() < 2], "weight_decay": 0.0},
         ]
-        groups = [g for g in groups if g["params"]]
+        groups = [{"peak_lr": learning_rate, **g} if g.get("peak_lr") is None else g for g in groups if g["params"]]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 

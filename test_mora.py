@@ -499,6 +499,21 @@ def test_optimizer_decays_matrices_only():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
 
 
+def test_optimizer_gives_the_projections_their_own_rate():
+    model = tiny_model()  # full training: the projection weights are the projections' parameters
+    opt = model.configure_optimizers(0.1, 1e-3, projection_lr=5e-3)
+    proj, other, norms = opt.param_groups
+    assert {id(p) for p in proj["params"]} == {id(m.weight) for n, m in model.named_modules()
+                                               if n.rpartition(".")[2] in mora.DEFAULT_TARGETS}
+    assert (proj["peak_lr"], other["peak_lr"], norms["peak_lr"]) == (5e-3, 1e-3, 1e-3)
+    assert {id(p) for p in other["params"]} == {id(model.embed.weight), id(model.head.weight)}
+    apply_adapters(model, "lora", r=2)
+    model.embed.requires_grad_(True)
+    proj, other = model.configure_optimizers(0.1, 1e-3, projection_lr=5e-3).param_groups
+    assert {id(p) for p in proj["params"]} == {id(p) for _, m in mora.adapter_layers(model) for p in (m.A, m.B)}
+    assert [id(p) for p in other["params"]] == [id(model.embed.weight)]
+
+
 def test_model_is_causal():
     model = tiny_model()
     idx = torch.randint(0, 37, (2, 16))
