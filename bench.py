@@ -34,8 +34,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mora import (LlamaConfig, Llama, LoRALinear, MoRALinear, VARIANTS, PRESETS, apply_adapters, apply_rotary,
-                  count_parameters, cyclic_pad, tile_add_)
+from mora import LlamaConfig, Llama, LoRALinear, MoRALinear, VARIANTS, PRESETS, apply_adapters, count_parameters
 
 # LLaMA-7B's projections (4096 -> 4096 for attention, 4096 -> 11008 for the MLP) at r = 8 and 256,
 # then the tiny model's (64 -> 64, 64 -> 176, 176 -> 64) at the model-level rank.
@@ -157,25 +156,6 @@ def peak_mb(fn, device):
 
 
 # -----------------------------------------------------------------------------
-# Rotation as Eq. 9 reads, for comparison: rotate every block of the activations, then one M
-
-
-class RotateActivations(MoRALinear):
-    """MoRA's rotation variant, written the straightforward way: each block of x~ (N x r^ values
-    per block) is rotated before the shared M. Same outputs as MoRALinear(variant="rotation"),
-    which instead rotates M (r^ x r^ per block): much less data to turn when N is large."""
-
-    def __init__(self, base, r):
-        super().__init__(base, r, variant="rotation")
-        self.dense = False  # a yardstick of the block formulation: never the dense shortcut
-
-    def add_delta_(self, out, x):
-        blocks = cyclic_pad(x, self.n_blocks * self.r_hat).unflatten(-1, (self.n_blocks, self.r_hat))
-        z = apply_rotary(blocks, self.cos.to(x.dtype), self.sin.to(x.dtype))  # block i turned by i * theta
-        tile_add_(out, (z @ self.M.T).flatten(-2))
-
-
-# -----------------------------------------------------------------------------
 # 1. Layer level
 
 
@@ -195,7 +175,8 @@ def bench_layer(k, d, r, args):
     for v in args.variants:
         layers[f"mora {v}"] = MoRALinear(base, r, variant=v)
     if "rotation" in args.variants:
-        layers["mora rotation, activations rotated"] = RotateActivations(base, r)
+        layers["mora rotation, activations rotated"] = literal = MoRALinear(base, r, variant="rotation")
+        literal.turn_M = False  # Eq. 9 as it reads, the yardstick of MoRALinear's regrouped form
     with torch.no_grad():  # a trained adapter, not the zero update of step 0 (the time is the same)
         for layer in layers.values():
             for p in layer.parameters():
