@@ -34,12 +34,36 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mora import LlamaConfig, Llama, LoRALinear, MoRALinear, VARIANTS, PRESETS, apply_adapters, count_parameters
+from mora import LlamaConfig, Llama, LoRALinear, MoRALinear, VARIANTS, PRESETS, apply_adapters, count_parameters, mora_rank
 
 # LLaMA-7B's projections (4096 -> 4096 for attention, 4096 -> 11008 for the MLP) at r = 8 and 256,
 # then the tiny model's (64 -> 64, 64 -> 176, 176 -> 64) at the model-level rank.
 DEFAULT_LAYERS = ["4096:4096:8", "4096:4096:256", "4096:11008:8", "4096:11008:256", "64:64:8", "64:176:8", "176:64:8"]
 MIN_SAMPLE_S = 0.02  # a sample repeats a call until it lasts about this long (tiny shapes run in microseconds)
+
+
+def int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to 2**63 - 1, got {text!r}")
+        return value
+    return parse
+
+
+def layer_spec(text):
+    """in_features:out_features:rank, each at least 1, with an r^ of at least 1 for every variant."""
+    try:
+        k, d, r = (int(v) for v in text.split(":"))
+        if min(k, d, r) < 1:
+            raise ValueError
+        mora_rank(k, d, r, "rotation")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants in_features:out_features:rank, positive integers with r^ >= 1, got {text!r}")
+    return k, d, r
 
 
 def parse_args(argv=None):
@@ -49,33 +73,45 @@ def parse_args(argv=None):
                    help="compute type. Layer level: the layer, its adapter and the input in this type (a model "
                         "loaded for fine-tuning); model level: float32 weights under autocast to it (mixed-precision "
                         "training). Default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
-    p.add_argument("--layers", nargs="*", default=DEFAULT_LAYERS, metavar="IN:OUT:R",
-                   help="layer-level cases as in_features:out_features:rank (default: %(default)s); "
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--layers", nargs="*", type=layer_spec, default=[layer_spec(s) for s in DEFAULT_LAYERS], metavar="IN:OUT:R",
+                   help=f"layer-level cases as in_features:out_features:rank (default: {' '.join(DEFAULT_LAYERS)}); "
                         "an empty list skips the layer level")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
                    help=f"MoRA variants timed at the layer level (default: all of {', '.join(VARIANTS)})")
-    p.add_argument("--tokens", type=int, default=2048,
+    p.add_argument("--tokens", type=int_at_least(1), default=2048,
                    help="tokens per forward pass: T at the layer level, batch x sequence length at the model level "
                         "(default: 2048)")
     p.add_argument("--model", default="tiny", choices=list(PRESETS),
                    help="LLaMA preset of the model level (default: tiny)")
     p.add_argument("--no-model", action="store_true", help="skip the model level")
-    p.add_argument("--model-rank", type=int, default=8, help="rank r of LoRA and MoRA at the model level (default: 8)")
-    p.add_argument("--seq-len", type=int, default=256, help="sequence length at the model level (default: 256)")
-    p.add_argument("--vocab-size", type=int, default=4096,
+    p.add_argument("--model-rank", type=int_at_least(1), default=8, help="rank r of LoRA and MoRA at the model level (default: 8)")
+    p.add_argument("--seq-len", type=int_at_least(1), default=256, help="sequence length at the model level (default: 256)")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=4096,
                    help="vocabulary of the model level, a small BPE vocabulary (default: 4096)")
-    p.add_argument("--matmul-size", type=int, default=4096,
+    p.add_argument("--matmul-size", type=int_at_least(1), default=4096,
                    help="n of the n x n @ n x n matmul whose FLOP/s the model's are compared with (default: 4096)")
-    p.add_argument("--repeats", type=int, default=10,
+    p.add_argument("--repeats", type=int_at_least(1), default=10,
                    help="timed samples of each configuration, median reported (default: 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each configuration first (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default: 0)")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed calls of each configuration first (default: 2)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of weights and inputs (default: 0)")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    if not args.no_model and args.tokens % args.seq_len:  # checked before the long layer level
-        raise SystemExit(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}")
-    args.device = torch.device(args.device)
+    # Everything is checked here, before a run that can take twenty minutes.
+    if not args.no_model and args.tokens % args.seq_len:
+        p.error(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: unknown device {args.device!r}")
+    if args.device.type not in ("cpu", "cuda"):
+        p.error(f"--device: only cpu and cuda are measured here, got {str(args.device)!r}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder):
+            p.error(f"--json {args.json!r}: not a file in an existing folder")
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
 
@@ -157,14 +193,6 @@ def peak_mb(fn, device):
 
 # -----------------------------------------------------------------------------
 # 1. Layer level
-
-
-def parse_layer(spec):
-    try:
-        k, d, r = (int(v) for v in spec.split(":"))
-    except ValueError:
-        raise SystemExit(f"--layers wants in_features:out_features:rank, got {spec!r}")
-    return k, d, r
 
 
 def bench_layer(k, d, r, args):
@@ -338,9 +366,8 @@ def main(argv=None):
     info = machine(args)
     print(", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"median of {args.repeats} samples after {args.warmup} warm-up calls, configurations interleaved")
-    shapes = [parse_layer(spec) for spec in args.layers]  # every spec checked before any timing
     layers = []
-    for shape in shapes:
+    for shape in args.layers:
         layers.append(bench_layer(*shape, args))
         print_layer(layers[-1])
     model = None if args.no_model else bench_model(args)

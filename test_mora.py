@@ -974,23 +974,43 @@ def test_bench_runs_end_to_end_and_writes_every_field(tmp_path, monkeypatch):
     assert (layer["in_features"], layer["out_features"], layer["r"], layer["tokens"]) == (12, 20, 2, 16)
     names = [row["name"] for row in layer["rows"]]
     assert names == ["base", "lora"] + [f"mora {v}" for v in VARIANTS] + ["mora rotation, activations rotated"]
-    for row in layer["rows"]:
-        assert row["ms"] > 0 and len(row["samples_ms"]) == 2 and row["vs_lora"] > 0 and row["vs_base"] > 0
-        assert row["saved_mb"] >= 0 and "peak_mb" in row  # peak memory: CUDA only, None on CPU
     rows = {row["name"]: row for row in layer["rows"]}
-    assert rows["lora"]["vs_lora"] == 1.0 and rows["base"]["vs_base"] == 1.0
+    for row in layer["rows"]:  # each figure is what its samples say, each ratio between figures of this run
+        assert len(row["samples_ms"]) == 2 and row["ms"] == pytest.approx(sum(row["samples_ms"]) / 2)
+        assert row["vs_lora"] == pytest.approx(row["ms"] / rows["lora"]["ms"])
+        assert row["vs_base"] == pytest.approx(row["ms"] / rows["base"]["ms"])
+        assert row["peak_mb"] is None  # peak memory: CUDA only
+    assert rows["base"]["saved_mb"] == 0  # a frozen layer keeps nothing for the backward pass (its input needs none)
+    assert rows["lora"]["saved_mb"] > 0
     assert rows["lora"]["trainable_params"] == 2 * (12 + 20) and rows["mora sharing"]["trainable_params"] == 8 ** 2
     inference = layer["inference"]
-    assert inference["base_ms"] > 0 and inference["merged_ms"] > 0 and inference["merged_vs_base"] > 0
+    assert inference["merged_vs_base"] == pytest.approx(inference["merged_ms"] / inference["base_ms"])
     model = res["model"]
     assert [row["method"] for row in model["rows"]] == ["fft", "lora", "mora rotation", "mora sharing"]
     assert model["matmul"]["flops_per_s"] > 0 and model["rank"] == 8
     for row in model["rows"]:
-        assert row["tokens_per_s"] > 0 and row["vs_lora"] > 0 and row["flops_per_step"] > 0
-        assert 0 < row["roofline_fraction"] and row["flops_per_s"] > 0
+        assert row["tokens_per_s"] == pytest.approx(16 / (row["ms"] / 1e3))
+        assert row["flops_per_s"] == pytest.approx(row["flops_per_step"] / (row["ms"] / 1e3))
+        assert row["roofline_fraction"] == pytest.approx(row["flops_per_s"] / model["matmul"]["flops_per_s"])
     # adapters train M or A, B only, and skip the frozen weights' gradients: fewer FLOPs than fft
     flops = {row["method"]: row["flops_per_step"] for row in model["rows"]}
     assert flops["lora"] < flops["fft"] and flops["mora rotation"] < flops["fft"]
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--layers", "64:64:0"), ("--layers", "64:64"), ("--layers", "1:1:1"), ("--repeats", "0"), ("--warmup", "-1"),
+    ("--device", "foo"), ("--device", "cuda:0" if not torch.cuda.is_available() else "foo"), ("--threads", "-1"),
+    ("--tokens", "0"), ("--tokens", "100"), ("--model-rank", "0"), ("--seq-len", "0"), ("--vocab-size", "0"),
+    ("--matmul-size", "0"), ("--seed", str(2**64)), ("--json", "no/such/folder/bench.json"),
+])
+def test_bench_bad_flag_is_one_line_before_any_timing(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([flag, value, "--layers", "8:8:1", "--no-model"] if flag != "--layers" and flag != "--tokens"
+                   else [flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    assert err.out == ""  # nothing measured
+    assert len(err.err.strip().splitlines()[-1]) and value.split(":")[0] in err.err.strip().splitlines()[-1]
 
 
 # =============================================================================
