@@ -792,6 +792,18 @@ def test_uuid_runs_are_deterministic_on_cpu():
     (["--lr", "fast"], "got 'fast'"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such file '/nonexistent/ckpt.pt'"),
     (["--device", "foo"], "'foo' is not a device"),
+    # issue 9, item 11
+    (["--dim", "33"], "--dim 33 / --n-heads 4"),
+    (["--n-heads", "3"], "--dim 128 / --n-heads 3"),
+    (["--threads", "-1"], "--threads must be at least 1, got -1"),
+    (["--lr", "nan"], "--lr must be positive and finite, got [nan]"),
+    (["--lr", "1e-3,inf"], "got [0.001, inf]"),
+    (["--seed", str(2**64)], f"--seed must lie in 0..2**64-2, got {2**64}"),
+    (["--seed", "-1"], "--seed must lie in 0..2**64-2, got -1"),
+    # issue 9, item 12
+    (["--lora-alpha", "0"], "--lora-alpha must be a positive number, got 0.0"),
+    (["--lora-alpha", "-4"], "--lora-alpha must be a positive number, got -4.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number at least 0, got -0.1"),
 ])
 def test_uuid_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -800,8 +812,23 @@ def test_uuid_bad_arguments(argv, message, capsys):
 
 
 def test_uuid_bad_argument_is_one_line_not_a_traceback():
-    proc = subprocess.run([sys.executable, "train_uuid.py", "--rank", "-3"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--rank must be at least 1, got -3" in proc.stderr
+    proc = subprocess.run([sys.executable, "train_uuid.py", "--dim", "33"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--dim 33 / --n-heads 4" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,note", [  # issue 9, item 12
+    (["--method", "fft", "--rank", "4", "--lora-alpha", "2"], "note: --method fft ignores --rank, --lora-alpha\n"),
+    (["--method", "fft", "--variant", "sharing"], "note: --method fft ignores --variant\n"),
+    (["--method", "lora", "--variant", "sharing"], "note: --method lora ignores --variant\n"),
+    (["--method", "mora", "--lora-alpha", "16"], "note: --method mora ignores --lora-alpha\n"),
+    (["--method", "all", "--rank", "16"], "note: --method all ignores --rank\n"),
+    (["--pairs", "10"], "note: --batch-size 64 is larger than --pairs 10: each step trains on all 10 pairs\n"),
+    (["--method", "lora", "--rank", "4", "--lora-alpha", "8"], ""),  # every flag used: no note
+    (["--method", "all", "--variant", "sharing", "--lora-alpha", "8"], ""),
+])
+def test_uuid_notes_flags_that_change_nothing(argv, note, capsys):
+    args = train_uuid.parse_args(argv)
+    assert capsys.readouterr().out == note and args.rank == (int(argv[3]) if argv[2:3] == ["--rank"] else 8)
 
 
 def test_uuid_counts_singular_values_of_the_learnt_update():  # issue 10: one counter, Sec. 6.1's 0.1

@@ -41,7 +41,7 @@ ALL_RUNS = [("fft", None), ("lora", 8), ("mora", 8), ("lora", 256), ("mora", 256
 # Peak learning rates from the sweep in the README (results/uuid_lr_sweep.json); the paper's
 # 3e-4 is for a 7B model. Ranks 8 and 256 were tuned; other ranks take the nearer one's.
 DEFAULT_LR = {"fft": 5e-3, "lora": {8: 7e-3, 256: 2e-3}, "mora": {8: 1e-2, 256: 2e-3}}
-SV_THRESHOLD = 0.1  # Sec. 6.1 counts singular values of dW above 0.1
+RANK, SV_THRESHOLD = 8, 0.1  # default rank; Sec. 6.1 counts singular values of dW above 0.1
 
 
 def default_lr(method, rank):
@@ -294,11 +294,17 @@ def device_type(name):
     raise argparse.ArgumentTypeError(f"{name!r} is not a device this machine has ({', '.join(k for k, ok in have.items() if ok)})")
 
 
+# The flags each method ignores (given explicitly, they earn a note), and the integer flags' least values.
+IGNORED = {"fft": ("rank", "variant", "lora_alpha"), "lora": ("variant",), "mora": ("lora_alpha",), "all": ("rank",)}
+MINIMUM = dict(rank=1, pairs=1, steps=1, eval_pairs=1, batch_size=1, dim=1, hidden_dim=1, n_heads=1, n_layers=1,
+               log_every=1, threads=1, warmup=0)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="mora", choices=["fft", "lora", "mora", "all"],
                    help="fft: train every weight; lora / mora: adapters on q,k,v,o,gate,up,down; all: the paper's five rows (default: mora)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r; MoRA gets the same parameter budget (default: 8; ignored by fft and all)")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank r; MoRA gets the same parameter budget (default: {RANK}; ignored by fft and all)")
     p.add_argument("--variant", type=variant_type, default=None, help="MoRA variant, name or official number (default: rotation below rank 128, sharing from 128)")
     p.add_argument("--pairs", type=int, default=100, help="number of key-value pairs (default: 100)")
     p.add_argument("--steps", type=int, default=900, help="optimizer steps (default: 900)")
@@ -310,7 +316,7 @@ def parse_args(argv=None):
                    "at each (default: tuned per method and rank, see DEFAULT_LR)")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then linear decay to zero (default: 50)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r, i.e. scaling 1)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, positive (default: r, i.e. scaling 1)")
     p.add_argument("--loss-on", default="all", choices=["all", "value"], help="all: loss on the whole text, as the official run; value: on the value only (default: all)")
     p.add_argument("--dim", type=int, default=128, help="model width (default: 128)")
     p.add_argument("--hidden-dim", type=int, default=352, help="SwiGLU width (default: 352)")
@@ -328,15 +334,23 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, metavar="PATH", help="plot accuracy against steps (needs matplotlib)")
     p.add_argument("--out", default=None, metavar="DIR", help="save each run's trained weights (adapters only for lora / mora)")
     args = p.parse_args(argv)
+    given = [f"--{k.replace('_', '-')}" for k in IGNORED[args.method] if getattr(args, k) is not None]
+    if given:
+        print(f"note: --method {args.method} ignores {', '.join(given)}")
+    args.rank = RANK if args.rank is None else args.rank
     try:
         args.eval_at = sorted({int(s) for s in args.eval_at.split(",") if s.strip()})
     except ValueError:
         p.error(f"--eval-at takes comma-separated step numbers, got {args.eval_at!r}")
-    for name in ("rank", "pairs", "steps", "eval_pairs", "batch_size", "dim", "hidden_dim", "n_heads", "n_layers", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be at least 0, got {args.warmup}")
+    for name, low in MINIMUM.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**64 - 1:  # torch takes 64 bits (seed + 1 orders the batches); Random(-s) is Random(s)
+        p.error(f"--seed must lie in 0..2**64-2, got {args.seed}")
+    if not 0 <= args.weight_decay < math.inf:
+        p.error(f"--weight-decay must be a finite number at least 0, got {args.weight_decay}")
+    if args.lora_alpha is not None and not 0 < args.lora_alpha < math.inf:
+        p.error(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
     bad = [s for s in args.eval_at if not 1 <= s <= args.steps]
     if bad or not args.eval_at:
         p.error(f"--eval-at steps must lie in 1..{args.steps} (--steps), got {bad or args.eval_at}")
@@ -345,10 +359,17 @@ def parse_args(argv=None):
             args.lr = [float(s) for s in args.lr.split(",") if s.strip()]
         except ValueError:
             p.error(f"--lr takes a number or comma-separated numbers, got {args.lr!r}")
-        if not args.lr or min(args.lr) <= 0:
-            p.error(f"--lr must be positive, got {args.lr}")
+        if not args.lr or not all(0 < lr < math.inf for lr in args.lr):
+            p.error(f"--lr must be positive and finite, got {args.lr}")
     if args.init_from is not None and not os.path.isfile(args.init_from):
         p.error(f"--init-from: no such file {args.init_from!r}")
+    if args.init_from is None:
+        try:
+            LlamaConfig(dim=args.dim, n_heads=args.n_heads)
+        except ValueError as e:
+            p.error(f"--dim {args.dim} / --n-heads {args.n_heads}: {e}")
+    if args.batch_size > args.pairs:
+        print(f"note: --batch-size {args.batch_size} is larger than --pairs {args.pairs}: each step trains on all {args.pairs} pairs")
     return args
 
 
