@@ -766,7 +766,8 @@ def test_uuid_run_writes_the_documented_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [(r["method"], r["rank"]) for r in data["runs"]] == train_uuid.ALL_RUNS
     for run in data["runs"]:
-        assert {"method", "rank", "variant", "trainable_params", "accuracy", "seconds"} <= set(run)
+        assert {"method", "rank", "variant", "lr", "seed", "trainable_params", "accuracy", "final_loss", "diverged", "seconds",
+                "update_rank"} <= set(run) and run["diverged"] is None
         assert set(run["accuracy"]) == {"2", "4"} and all(0 <= a <= 100 for a in run["accuracy"].values())
         assert run["trainable_params"] > 0 and run["seconds"] >= 0
     lora8, mora8 = data["runs"][1], data["runs"][2]
@@ -792,6 +793,9 @@ def test_uuid_runs_are_deterministic_on_cpu():
     (["--lr", "fast"], "got 'fast'"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such file '/nonexistent/ckpt.pt'"),
     (["--device", "foo"], "'foo' is not a device"),
+    # issue 9, item 9: outputs checked before any training
+    (["--json", "/nonexistent/dir/runs.json"], "--json '/nonexistent/dir/runs.json': its folder does not exist"),
+    (["--plot", "/nonexistent/dir/acc.png"], "--plot '/nonexistent/dir/acc.png': its folder does not exist"),
     # issue 9, item 11
     (["--dim", "33"], "--dim 33 / --n-heads 4"),
     (["--n-heads", "3"], "--dim 128 / --n-heads 3"),
@@ -829,6 +833,50 @@ def test_uuid_bad_argument_is_one_line_not_a_traceback():
 def test_uuid_notes_flags_that_change_nothing(argv, note, capsys):
     args = train_uuid.parse_args(argv)
     assert capsys.readouterr().out == note and args.rank == (int(argv[3]) if argv[2:3] == ["--rank"] else 8)
+
+
+def test_uuid_out_names_every_run_and_refuses_a_file(tmp_path, capsys):  # issue 9, item 6
+    out = tmp_path / "weights"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--lr", "1e-3,2e-3", "--out", str(out)])
+        train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--lr", "1e-3", "--seed", "1", "--out", str(out)])
+        train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "2", "--lr", "1e-3", "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["lora_r2_lr0.001_seed0.pt", "lora_r2_lr0.001_seed1.pt", "lora_r2_lr0.002_seed0.pt",
+                                       "mora_r2_rotation_lr0.001_seed0.pt"]
+    assert not torch.equal(torch.load(out / "lora_r2_lr0.001_seed0.pt")["layers.0.attn.q.B"],
+                           torch.load(out / "lora_r2_lr0.002_seed0.pt")["layers.0.attn.q.B"])
+    with pytest.raises(SystemExit):
+        train_uuid.parse_args(["--out", str(out / "lora_r2_lr0.001_seed0.pt")])
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+
+
+def test_uuid_diverging_run_is_recorded_and_the_others_go_on(tmp_path, capsys):  # issue 9, item 7
+    out = tmp_path / "runs.json"
+    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--lr", "1e30,1e-3", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert runs[0]["diverged"] == 2 and runs[0]["accuracy"] == {} and runs[0]["update_rank"] is None
+    assert runs[1]["diverged"] is None and set(runs[1]["accuracy"]) == {"2", "4"} and runs[1]["update_rank"]["q"]["above_threshold"] >= 0
+    assert printed.count("diverged: run stopped") == 1
+    assert "| LoRA r=2 | 544 | 1e+30 | diverged | diverged |" in printed and "| LoRA r=2 | 1e+30 | diverged | diverged |" in printed
+    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))  # strict JSON: no NaN
+    assert [r["diverged"] for r in data["runs"]] == [2, None]
+
+
+def test_uuid_json_is_written_after_each_run(tmp_path, monkeypatch):  # issue 9, item 9
+    out, calls, train_one = tmp_path / "runs.json", [], train_uuid.train_one
+
+    def killed_in_the_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_one(*args, **kwargs)
+
+    monkeypatch.setattr(train_uuid, "train_one", killed_in_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        train_uuid.main(TINY_UUID_RUN + ["--method", "all", "--json", str(out)])
+    assert [r["method"] for r in json.loads(out.read_text())["runs"]] == ["fft"]
+    assert os.listdir(tmp_path) == ["runs.json"]  # the temporary file was renamed
 
 
 def test_uuid_counts_singular_values_of_the_learnt_update():  # issue 10: one counter, Sec. 6.1's 0.1

@@ -194,8 +194,8 @@ def train_one(method, rank, variant, lr, seed, args, device):
             print(f"  note: {caught[0].message}")
     before = {n: w.clone() for n, w in effective_weights(model).items()}  # a plain layer's is the weight itself
     params = count_parameters(model, trainable_only=True)
-    run = {"method": method, "rank": rank, "variant": variant, "lr": lr, "trainable_params": params}
-    print(f"\n== {run_label(run)}: {params:,} trainable parameters, lr {lr:g}, base: {base_desc}")
+    run = {"method": method, "rank": rank, "variant": variant, "lr": lr, "seed": seed, "trainable_params": params}
+    print(f"\n== {run_label(run)}, seed {seed}: {params:,} trainable parameters, lr {lr:g}, base: {base_desc}")
 
     x_all, y_all = make_examples(pairs, args.loss_on)
     x_all, y_all = x_all.to(device), y_all.to(device)
@@ -203,7 +203,7 @@ def train_one(method, rank, variant, lr, seed, args, device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     gen = torch.Generator().manual_seed(seed + 1)  # the same batches for every method
     order, pos = torch.randperm(len(pairs), generator=gen).to(device), 0
-    accuracy, t0, tokens = {}, time.time(), 0
+    accuracy, t0, tokens, diverged = {}, time.time(), 0, None
     for step in range(1, args.steps + 1):
         if pos + args.batch_size > len(pairs):  # a new epoch
             order, pos = torch.randperm(len(pairs), generator=gen).to(device), 0
@@ -219,6 +219,10 @@ def train_one(method, rank, variant, lr, seed, args, device):
         tokens += idx.numel() * x_all.shape[1]
         if step % args.log_every == 0 or step in args.eval_at or step == args.steps:  # always at the last step
             last_loss = loss.item()  # only here: .item() waits for the GPU
+            if not math.isfinite(last_loss):  # the weights are lost: later steps and counts mean nothing
+                print(f"  step {step:4d}/{args.steps} | loss {last_loss} | diverged: run stopped (try a lower --lr)", flush=True)
+                diverged = step
+                break
             acc_msg = ""
             if step in args.eval_at:
                 accuracy[step] = evaluate(model, eval_pairs, device, autocast)
@@ -226,12 +230,13 @@ def train_one(method, rank, variant, lr, seed, args, device):
             elapsed = time.time() - t0
             print(f"  step {step:4d}/{args.steps} | loss {last_loss:.4f}{acc_msg} | {tokens / elapsed:7.0f} tok/s"
                   f" | {elapsed:5.0f}s elapsed, ETA {elapsed / step * (args.steps - step):4.0f}s", flush=True)
-    run.update(accuracy={str(s): round(a, 2) for s, a in accuracy.items()}, final_loss=last_loss,
-               seconds=round(time.time() - t0, 1), update_rank=update_ranks(before, effective_weights(model)))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
+    run.update(accuracy={str(s): round(a, 2) for s, a in accuracy.items()}, diverged=diverged,
+               final_loss=None if diverged else last_loss, seconds=round(time.time() - t0, 1),
+               update_rank=None if diverged else update_ranks(before, effective_weights(model)))
+    if args.out and not diverged:
         state = model.state_dict() if method == "fft" else adapter_state_dict(model)
-        torch.save(state, os.path.join(args.out, f"{method}{'_r' + str(rank) if rank else ''}.pt"))
+        name = [method] + ([f"r{rank}"] if rank else []) + ([variant] if variant else []) + [f"lr{lr:g}", f"seed{seed}"]
+        torch.save(state, os.path.join(args.out, "_".join(name) + ".pt"))  # one file per run of a sweep
     return run
 
 
@@ -330,9 +335,10 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default: 50)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the runs and the config as JSON")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the runs and the config as JSON, after each run")
     p.add_argument("--plot", default=None, metavar="PATH", help="plot accuracy against steps (needs matplotlib)")
-    p.add_argument("--out", default=None, metavar="DIR", help="save each run's trained weights (adapters only for lora / mora)")
+    p.add_argument("--out", default=None, metavar="DIR", help="save each run's trained weights (adapters only for lora / mora), "
+                   "one file per method, rank, variant, lr and seed")
     args = p.parse_args(argv)
     given = [f"--{k.replace('_', '-')}" for k in IGNORED[args.method] if getattr(args, k) is not None]
     if given:
@@ -368,6 +374,11 @@ def parse_args(argv=None):
             LlamaConfig(dim=args.dim, n_heads=args.n_heads)
         except ValueError as e:
             p.error(f"--dim {args.dim} / --n-heads {args.n_heads}: {e}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # checked now, not after hours of training
+        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
+            p.error(f"{flag} {path!r}: " + ("is a folder" if os.path.isdir(path) else "its folder does not exist"))
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is an existing file, not a folder")
     if args.batch_size > args.pairs:
         print(f"note: --batch-size {args.batch_size} is larger than --pairs {args.pairs}: each step trains on all {args.pairs} pairs")
     return args
@@ -380,26 +391,31 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" else "fp32"
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     runs = ALL_RUNS if args.method == "all" else [(args.method, None if args.method == "fft" else args.rank)]
     print(f"{args.pairs} UUID pairs, {args.steps} steps of {args.batch_size} pairs, accuracy on {min(args.eval_pairs, args.pairs)} pairs "
           f"at steps {args.eval_at}, loss on {args.loss_on}, device {device} ({args.precision}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "out")}
+    config.update(torch=torch.__version__, threads=torch.get_num_threads())
     results, t0 = [], time.time()
     for method, rank in runs:
         variant = (args.variant or default_variant(rank)) if method == "mora" else None
         for lr in args.lr or [default_lr(method, rank)]:
             results.append(train_one(method, rank, variant, lr, args.seed, args, device))
+            if args.json:  # after each run, so that a kill loses only the run under way; atomically (write, rename)
+                with open(args.json + ".tmp", "w") as f:
+                    json.dump({"runs": results, "config": {**config, "total_seconds": round(time.time() - t0, 1)}}, f, indent=2)
+                os.replace(args.json + ".tmp", args.json)
     print(f"\nValue accuracy (%) generated greedily from the key, {args.pairs} pairs ({time.time() - t0:.0f}s in all):\n")
     print(table(results, ["trainable params", "lr", *(f"step {s}" for s in args.eval_at), "time"], lambda r: [
-        f"{r['trainable_params']:,}", f"{r['lr']:g}", *(f"{r['accuracy'][str(s)]:.1f}" for s in args.eval_at), f"{r['seconds']:.0f}s"]))
+        f"{r['trainable_params']:,}", f"{r['lr']:g}", *(f"{r['accuracy'][str(s)]:.1f}" if str(s) in r["accuracy"] else "diverged"
+                                                       for s in args.eval_at), f"{r['seconds']:.0f}s"]))
     print(f"\nSingular values of the learnt update W_final - W_init above {SV_THRESHOLD} (Sec. 6.1, mean over layers):\n")
-    shapes = results[0]["update_rank"]
-    print(table(results, ["lr", *(f"{p} {c['shape'][0]}x{c['shape'][1]}" for p, c in shapes.items())], lambda r: [
-        f"{r['lr']:g}", *(f"{r['update_rank'][p]['above_threshold']:.0f}" for p in shapes)]))
+    shapes = next((r["update_rank"] for r in results if r["update_rank"]), {})  # diverged runs have none
+    print(table(results, ["lr", *(f"{p} {c['shape'][0]}x{c['shape'][1]}" for p, c in shapes.items())], lambda r: [f"{r['lr']:g}", *(
+        f"{r['update_rank'][p]['above_threshold']:.0f}" if r["update_rank"] else "diverged" for p in shapes)]))
     if args.json:
-        config = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "out")}
-        config.update(torch=torch.__version__, threads=torch.get_num_threads(), total_seconds=round(time.time() - t0, 1))
-        with open(args.json, "w") as f:
-            json.dump({"runs": results, "config": config}, f, indent=2)
         print(f"\nJSON written to {args.json}")
     if args.plot:
         plot(results, args.plot)
