@@ -749,10 +749,11 @@ def test_char_accuracy_on_hand_made_strings():
     assert acc("", "abcd") == 0.0
 
 
-def test_default_learning_rates_and_variant():
-    assert train_uuid.default_lr("lora", 8) == train_uuid.DEFAULT_LR["lora"][8]
-    assert train_uuid.default_lr("mora", 200) == train_uuid.DEFAULT_LR["mora"][256]
-    assert train_uuid.default_lr("mora", 16) == train_uuid.DEFAULT_LR["mora"][8]
+def test_default_learning_rates_and_variant():  # the sweep's figures (results/uuid_lr_sweep.json); the nearer rank's
+    lr = train_uuid.default_lr
+    assert lr("fft", None) == 5e-3 and lr("lora", 8) == 7e-3 and lr("lora", 64) == 2e-3 and lr("lora", 32) == 7e-3
+    assert lr("mora", 16, "rotation") == 1e-2 and lr("mora", 200, "sharing") == 2e-3
+    assert lr("mora", 8, "sharing_gs_ri") == lr("mora", 8, "sharing") and lr("mora", 256, "truncation") == 2e-3
     assert train_uuid.default_variant(8) == "rotation" and train_uuid.default_variant(256) == "sharing"
 
 
@@ -802,8 +803,10 @@ def test_uuid_runs_are_deterministic_on_cpu():
     (["--threads", "-1"], "--threads must be at least 1, got -1"),
     (["--lr", "nan"], "--lr must be positive and finite, got [nan]"),
     (["--lr", "1e-3,inf"], "got [0.001, inf]"),
-    (["--seed", str(2**64)], f"--seed must lie in 0..2**64-2, got {2**64}"),
-    (["--seed", "-1"], "--seed must lie in 0..2**64-2, got -1"),
+    (["--seed", str(2**64)], f"--seed must lie in 0..{2**64 - 2} (2**64 - 1 - --seeds), got {2**64}"),
+    (["--seed", "-1"], "got -1"),
+    (["--seed", str(2**64 - 3), "--seeds", "3"], f"--seed must lie in 0..{2**64 - 4} (2**64 - 1 - --seeds), got {2**64 - 3}"),
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
     # issue 9, item 12
     (["--lora-alpha", "0"], "--lora-alpha must be a positive number, got 0.0"),
     (["--lora-alpha", "-4"], "--lora-alpha must be a positive number, got -4.0"),
@@ -956,6 +959,68 @@ def test_uuid_starts_from_a_pretrained_checkpoint(corpus, tmp_path):
     ttl.main(tiny_run_args(corpus, "--method", "full", "--steps", "1", "--sample-tokens", "0", "--out", str(tmp_path / "short")))
     with pytest.raises(SystemExit, match="max_seq_len 32, a pair needs 74"):
         train_uuid.load_pretrained(str(tmp_path / "short" / "full.pt"), torch.device("cpu"))
+
+
+def test_uuid_seeds_keep_every_run_and_the_table_shows_mean_and_spread(tmp_path, capsys):  # issue 11, item 1
+    out = tmp_path / "runs.json"
+    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--steps", "6", "--eval-at", "6", "--pairs", "12",
+                                            "--seed", "5", "--seeds", "3", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert [r["seed"] for r in json.loads(out.read_text())["runs"]] == [5, 6, 7]
+    assert len({r["final_loss"] for r in runs}) == 3  # each seed its own pairs, initialisation and batches
+    accs = [r["accuracy"]["6"] for r in runs]
+    assert len(set(accs)) > 1 and "mean (min-max) over 3 seeds" in printed
+    assert f"| LoRA r=2 | 544 | 0.007 | {sum(accs) / 3:.1f} ({min(accs):.1f}-{max(accs):.1f}) |" in printed
+    again = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--steps", "6", "--eval-at", "6", "--pairs", "12",
+                                             "--seed", "6"])
+    assert again[0]["final_loss"] == runs[1]["final_loss"] and again[0]["accuracy"] == runs[1]["accuracy"]
+
+
+def test_uuid_spread_and_groups_of_seeds_with_a_diverged_one():
+    assert train_uuid.spread([1.0, 2.0, 6.0]) == "3.0 (1.0-6.0)" and train_uuid.spread([2.26]) == "2.3"
+    assert train_uuid.spread([]) == "diverged" and train_uuid.spread([3.0, 5.0], 0) == "4 (3-5)"
+    run = lambda seed, lr, diverged: {"method": "lora", "rank": 8, "variant": None, "lr": lr, "seed": seed, "diverged": diverged}
+    groups = train_uuid.by_config([run(0, 1e-3, None), run(1, 1e-3, 4), run(0, 2e-3, None)])
+    assert [[r["seed"] for r in g] for g in groups] == [[0, 1], [0]]
+    text = train_uuid.table(groups, ["x"], lambda g: [str(len(g))])
+    assert text.splitlines()[2:] == ["| LoRA r=8 (1 of 2 seeds diverged) | 2 |", "| LoRA r=8 | 1 |"]
+
+
+def test_uuid_variants_run_sec_6_2_beside_the_papers_table_4(tmp_path, capsys):  # issue 11, item 5
+    out = tmp_path / "runs.json"
+    plot = tmp_path / "variants.png"
+    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "variants", "--rank", "2", "--json", str(out), "--plot", str(plot)])
+    printed = capsys.readouterr().out
+    assert plot.exists() or "--plot needs matplotlib" in printed
+    assert [r["variant"] for r in runs] == ["truncation", "sharing", "decoupling", "rotation"] == list(train_uuid.PAPER_TABLE4)
+    assert {(r["method"], r["rank"], r["lr"], r["seed"]) for r in runs} == {("mora", 2, 1e-2, 0)}  # one budget, data and seed
+    assert len({r["final_loss"] for r in runs}) == 4  # four different layers
+    for variant, row in [("truncation", "| truncation | 59.5 | 66.6 |"), ("rotation", "| rotation | 64.2 | 67.9 |")]:
+        assert f"| MoRA ({variant}) r=2 |" in printed and row in printed
+
+
+@pytest.mark.parametrize("argv,expected", [  # issue 11, item 4
+    ([], dict(dim=128, hidden_dim=352, n_heads=4, n_layers=2, pairs=100, steps=900, batch_size=64)),
+    (["--setting", "paper-ratio"], dict(dim=1024, hidden_dim=2816, n_heads=16, n_layers=2, pairs=100, steps=900, batch_size=64)),
+    (["--setting", "paper-ratio", "--dim", "512", "--pairs", "50", "--batch-size", "50"],  # explicit flags override
+     dict(dim=512, hidden_dim=2816, n_heads=16, n_layers=2, pairs=50, steps=900, batch_size=50)),
+])
+def test_uuid_settings_and_explicit_flags(argv, expected):
+    args = train_uuid.parse_args(argv)
+    assert {k: getattr(args, k) for k in expected} == expected and args.setting == (argv[1] if argv else "default")
+
+
+def test_uuid_rank_over_a_quarter_of_the_width_is_one_note(capsys):  # issue 11, item 4
+    paper_width = train_uuid.SETTINGS["paper-ratio"]["dim"]
+    assert train_uuid.rank_note([8, 256], paper_width) is None and train_uuid.rank_note([8, 64], 256) is None
+    assert train_uuid.rank_note([8, 256], 128).startswith("note: rank 256 is over a quarter of the width 128")
+    train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "8"])  # width 16: rank 8 is half of it
+    printed = capsys.readouterr()
+    notes = [line for line in printed.out.splitlines() if "not low-rank" in line]
+    assert notes == [notes[0]] and "rank 8 is over a quarter of the width 16" in notes[0] and "--setting paper-ratio" in notes[0]
+    assert "parameters, more than the full" not in printed.out + printed.err  # the layers' own warnings are not repeated
+    train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "4"])  # a quarter: low-rank, as in paper-ratio
+    assert "not low-rank" not in capsys.readouterr().out
 
 
 # =============================================================================

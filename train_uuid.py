@@ -7,10 +7,13 @@ write new knowledge into a model. The paper finds that, at the same number of tr
 parameters, MoRA memorises much faster than LoRA, close to full fine-tuning (FFT).
 
     python train_uuid.py --method mora --rank 256     # one run
-    python train_uuid.py --method all                  # the paper's five rows, same data and seed
+    python train_uuid.py --method all --seeds 3        # the paper's five rows, same data and seeds
+    python train_uuid.py --method variants             # Sec. 6.2: MoRA's four compressions at r = 8
+    python train_uuid.py --method all --setting paper-ratio   # ranks 8 and 256 truly low-rank (width 1024)
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -38,16 +41,31 @@ SEQ_LEN = 2 * UUID_LEN + 2  # "key:value\n"
 
 # The paper's five rows (Table 2): FFT, then LoRA and MoRA at ranks 8 and 256.
 ALL_RUNS = [("fft", None), ("lora", 8), ("mora", 8), ("lora", 256), ("mora", 256)]
+# Sec. 6.2 (--method variants): MoRA's four compressions / decompressions, with the paper's Table 4,
+# GSM8K accuracy (%) of LLaMA-2 7B at r = 8 and 256: another task, so only the order compares.
+PAPER_TABLE4 = {"truncation": {8: 59.5, 256: 66.6}, "sharing": {8: 62.5, 256: 67.9},
+                "decoupling": {8: 63.6, 256: 67.8}, "rotation": {8: 64.2, 256: 67.9}}
 # Peak learning rates from the sweep in the README (results/uuid_lr_sweep.json); the paper's
-# 3e-4 is for a 7B model. Ranks 8 and 256 were tuned; other ranks take the nearer one's.
-DEFAULT_LR = {"fft": 5e-3, "lora": {8: 7e-3, 256: 2e-3}, "mora": {8: 1e-2, 256: 2e-3}}
+# 3e-4 is for a 7B model. Ranks 8 and 256 were tuned; other ranks take the nearer one's. MoRA was
+# tuned with each rank's default variant (rotation at 8, sharing at 256); the other variants take
+# the same rates for now, to be tuned: see results/README.md.
+DEFAULT_LR = {"fft": 5e-3, "lora": {8: 7e-3, 256: 2e-3},
+              "mora": {"rotation": {8: 1e-2, 256: 2e-3}, "sharing": {8: 1e-2, 256: 2e-3},
+                       "truncation": {8: 1e-2, 256: 2e-3}, "decoupling": {8: 1e-2, 256: 2e-3}}}
 RANK, SV_THRESHOLD = 8, 0.1  # default rank; Sec. 6.1 counts singular values of dW above 0.1
+# Model and data by --setting (explicit flags override). The default is fast on a CPU, but there
+# rank 256 is twice the width: its adapters hold more numbers than the matrices they adapt. In the
+# paper, ranks 8 and 256 are 1/512 and 1/16 of the width; paper-ratio makes them 1/128 and 1/4, with
+# the default's SwiGLU ratio (2.75) and LLaMA's heads of 64. Its learning rates are DEFAULT_LR's, tuned at width 128.
+SETTINGS = {"default": dict(dim=128, hidden_dim=352, n_heads=4, n_layers=2, pairs=100, steps=900, batch_size=64),
+            "paper-ratio": dict(dim=1024, hidden_dim=2816, n_heads=16, n_layers=2, pairs=100, steps=900, batch_size=64)}
 
 
-def default_lr(method, rank):
+def default_lr(method, rank, variant=None):
     if method == "fft":
         return DEFAULT_LR["fft"]
-    tuned = DEFAULT_LR[method]
+    # ReMoRA's other sharing groupings (official types 2 to 4) take sharing's rates
+    tuned = DEFAULT_LR["lora"] if method == "lora" else DEFAULT_LR["mora"].get(variant, DEFAULT_LR["mora"]["sharing"])
     return tuned[min(tuned, key=lambda r: abs(math.log(rank / r)))]
 
 
@@ -113,12 +131,12 @@ def evaluate(model, pairs, device, autocast, batch_size=512):
 # model
 
 
-def base_model(args, seed, device):
-    """The frozen starting point: a fixed seeded initialisation, or a model saved by
-    train_tiny_llama.py. The seed also fixes the adapters' initialisation that follows."""
+def base_model(args, seed, device, pretrained=None):
+    """The frozen starting point: a fixed seeded initialisation, or a copy of a model saved by
+    train_tiny_llama.py (load_pretrained). The seed also fixes the adapters' initialisation."""
     torch.manual_seed(seed)
-    if args.init_from is not None:
-        return load_pretrained(args.init_from, device)
+    if pretrained is not None:
+        return copy.deepcopy(pretrained[0]), pretrained[1]
     cfg = LlamaConfig(vocab_size=len(CHARS), dim=args.dim, hidden_dim=args.hidden_dim,
                       n_heads=args.n_heads, n_layers=args.n_layers, max_seq_len=SEQ_LEN)
     return Llama(cfg).to(device), f"random init (seed {seed})"
@@ -181,27 +199,26 @@ def update_ranks(before, after):
     return {p: {"shape": c["shape"], "above_threshold": sum(c["n"]) / len(c["n"])} for p, c in counts.items()}
 
 
-def train_one(method, rank, variant, lr, seed, args, device):
+def train_one(method, rank, variant, lr, seed, args, device, pretrained=None, progress=""):
+    """One run; pairs, initialisation and batch order all follow the seed."""
     pairs = make_pairs(args.pairs, seed)
     eval_pairs = pairs if args.eval_pairs >= len(pairs) else random.Random(seed).sample(pairs, args.eval_pairs)
-    model, base_desc = base_model(args, seed, device)
+    model, base_desc = base_model(args, seed, device, pretrained)
     if method != "fft":
         kwargs = {"variant": variant} if method == "mora" else {"alpha": args.lora_alpha}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():  # an adapter larger than its matrix: main has said so in one line
+            warnings.simplefilter("ignore")
             apply_adapters(model, method, r=rank, **kwargs)
-        if caught:
-            print(f"  note: {caught[0].message}")
     before = {n: w.clone() for n, w in effective_weights(model).items()}  # a plain layer's is the weight itself
     params = count_parameters(model, trainable_only=True)
     run = {"method": method, "rank": rank, "variant": variant, "lr": lr, "seed": seed, "trainable_params": params}
-    print(f"\n== {run_label(run)}, seed {seed}: {params:,} trainable parameters, lr {lr:g}, base: {base_desc}")
+    print(f"\n== {progress}{run_label(run)}, seed {seed}: {params:,} trainable parameters, lr {lr:g}, base: {base_desc}")
 
     x_all, y_all = make_examples(pairs, args.loss_on)
     x_all, y_all = x_all.to(device), y_all.to(device)
     optimizer = model.configure_optimizers(args.weight_decay, lr, betas=(0.9, 0.999), device_type=device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    gen = torch.Generator().manual_seed(seed + 1)  # the same batches for every method
+    gen = torch.Generator().manual_seed(seed + 1)  # the same batches for every method at one seed
     order, pos = torch.randperm(len(pairs), generator=gen).to(device), 0
     accuracy, t0, tokens, diverged = {}, time.time(), 0, None
     for step in range(1, args.steps + 1):
@@ -250,13 +267,50 @@ def run_label(run):
     return ("LoRA" if run["method"] == "lora" else f"MoRA ({run['variant']})") + f" r={run['rank']}"
 
 
-def table(runs, head, cells):
-    """A markdown table, one row per run: cells(run) gives its cells after the run's name."""
+def by_config(runs):
+    """The runs grouped by method, rank, variant and lr: one group holds a row's seeds."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["rank"], r["variant"], r["lr"]), []).append(r)
+    return list(groups.values())
+
+
+def spread(values, digits=1):
+    """Mean over seeds, then (min-max) when there are several; "diverged" when no seed got there."""
+    f = lambda v: f"{v:.{digits}f}"
+    if not values:
+        return "diverged"
+    return f(sum(values) / len(values)) + (f" ({f(min(values))}-{f(max(values))})" if len(values) > 1 else "")
+
+
+def table(groups, head, cells):
+    """A markdown table, one row per group of seeds: cells(group) gives its cells after its name."""
     lines = ["| " + " | ".join(["run", *head]) + " |", "|" + "---|" * (len(head) + 1)]
-    return "\n".join(lines + ["| " + " | ".join([run_label(r), *cells(r)]) + " |" for r in runs])
+    for g in groups:
+        n = sum(bool(r["diverged"]) for r in g)  # only said when some seeds diverged; cells say "diverged" for all
+        label = run_label(g[0]) + (f" ({n} of {len(g)} seeds diverged)" if 0 < n < len(g) else "")
+        lines.append("| " + " | ".join([label, *cells(g)]) + " |")
+    return "\n".join(lines)
 
 
-def plot(runs, path):
+def report(groups, args, seconds):
+    """The accuracy table (Table 2's), Table 4 beside Sec. 6.2's, and the Sec. 6.1 singular-value counts."""
+    print(f"\nValue accuracy (%) generated greedily from the key, {args.pairs} pairs, " + (
+        f"mean (min-max) over {args.seeds} seeds" if args.seeds > 1 else f"seed {args.seed}") + f" ({seconds:.0f}s in all):\n")
+    print(table(groups, ["trainable params", "lr", *(f"step {s}" for s in args.eval_at), "time"], lambda g: [
+        f"{g[0]['trainable_params']:,}", f"{g[0]['lr']:g}", *(spread([r["accuracy"][str(s)] for r in g if str(s) in r["accuracy"]])
+                                                             for s in args.eval_at), f"{sum(r['seconds'] for r in g) / len(g):.0f}s"]))
+    if args.method == "variants":
+        print("\nThe paper's Table 4: GSM8K accuracy (%) of LLaMA-2 7B, fine-tuned with each variant (another task: compare the order):\n")
+        print("| variant | r=8 | r=256 |\n|---|---|---|\n" + "\n".join(f"| {v} | {t[8]} | {t[256]} |" for v, t in PAPER_TABLE4.items()))
+    print(f"\nSingular values of the learnt update W_final - W_init above {SV_THRESHOLD} (Sec. 6.1, mean over layers):\n")
+    shapes = next((r["update_rank"] for g in groups for r in g if r["update_rank"]), {})  # diverged runs have none
+    print(table(groups, ["lr", *(f"{p} {c['shape'][0]}x{c['shape'][1]}" for p, c in shapes.items())], lambda g: [f"{g[0]['lr']:g}", *(
+        spread([r["update_rank"][p]["above_threshold"] for r in g if r["update_rank"]], 0) for p in shapes)]))
+
+
+def plot(groups, path, table4=False):
+    """Mean accuracy over seeds against steps, the band from min to max; with table4, the paper's figures."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -264,12 +318,17 @@ def plot(runs, path):
     except ImportError:
         return print("note: --plot needs matplotlib (pip install matplotlib); no plot written")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-        label = run_label(r) + (f", lr {r['lr']:g}" if len(runs) > len(ALL_RUNS) else "")
-        ax.plot([int(s) for s in r["accuracy"]], list(r["accuracy"].values()), marker="o", label=label)
+    for g in groups:
+        steps = sorted({int(s) for r in g for s in r["accuracy"]})
+        accs = [[r["accuracy"][str(s)] for r in g if str(s) in r["accuracy"]] for s in steps]
+        paper = PAPER_TABLE4[g[0]["variant"]].get(g[0]["rank"]) if table4 else None
+        label = f"{run_label(g[0])}, lr {g[0]['lr']:g}" + (f" (paper, GSM8K: {paper})" if paper else "")
+        line, = ax.plot(steps, [sum(a) / len(a) for a in accs], marker="o", label=label)
+        if len(g) > 1:
+            ax.fill_between(steps, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
     ax.set(xlabel="step", ylabel="value character accuracy (%)", ylim=(0, 102))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")
@@ -300,36 +359,44 @@ def device_type(name):
 
 
 # The flags each method ignores (given explicitly, they earn a note), and the integer flags' least values.
-IGNORED = {"fft": ("rank", "variant", "lora_alpha"), "lora": ("variant",), "mora": ("lora_alpha",), "all": ("rank",)}
+IGNORED = {"fft": ("rank", "variant", "lora_alpha"), "lora": ("variant",), "mora": ("lora_alpha",), "all": ("rank",),
+           "variants": ("variant", "lora_alpha")}
 MINIMUM = dict(rank=1, pairs=1, steps=1, eval_pairs=1, batch_size=1, dim=1, hidden_dim=1, n_heads=1, n_layers=1,
-               log_every=1, threads=1, warmup=0)
+               log_every=1, threads=1, warmup=0, seeds=1)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="mora", choices=["fft", "lora", "mora", "all"],
-                   help="fft: train every weight; lora / mora: adapters on q,k,v,o,gate,up,down; all: the paper's five rows (default: mora)")
+    by_setting = lambda k: "default: " + "; ".join([str(SETTINGS["default"][k])] + [
+        f"{v[k]} with --setting {name}" for name, v in SETTINGS.items() if v[k] != SETTINGS["default"][k]])
+    p.add_argument("--method", default="mora", choices=["fft", "lora", "mora", "all", "variants"],
+                   help="fft: train every weight; lora / mora: adapters on q,k,v,o,gate,up,down; all: the paper's five rows; "
+                   "variants: MoRA truncation, sharing, decoupling and rotation at --rank (Sec. 6.2) (default: mora)")
     p.add_argument("--rank", type=int, default=None, help=f"LoRA rank r; MoRA gets the same parameter budget (default: {RANK}; ignored by fft and all)")
     p.add_argument("--variant", type=variant_type, default=None, help="MoRA variant, name or official number (default: rotation below rank 128, sharing from 128)")
-    p.add_argument("--pairs", type=int, default=100, help="number of key-value pairs (default: 100)")
-    p.add_argument("--steps", type=int, default=900, help="optimizer steps (default: 900)")
+    p.add_argument("--setting", default="default", choices=list(SETTINGS),
+                   help="default: width 128, fast on a CPU; paper-ratio: width 1024, where ranks 8 and 256 are truly low-rank (default: default)")
+    p.add_argument("--pairs", type=int, default=None, help=f"number of key-value pairs ({by_setting('pairs')})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps ({by_setting('steps')})")
     p.add_argument("--eval-at", default="100,300,500,700,900",
                    help="comma-separated steps at which to measure accuracy (default: the paper's 300,500,700,900, and 100)")
     p.add_argument("--eval-pairs", type=int, default=500, help="pairs evaluated, a fixed seeded subset when fewer than --pairs (default: 500)")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per step (default: 64)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"pairs per step ({by_setting('batch_size')})")
     p.add_argument("--lr", default=None, help="peak learning rate, or a comma-separated list to sweep: every run is repeated "
-                   "at each (default: tuned per method and rank, see DEFAULT_LR)")
+                   "at each (default: tuned per method, rank and variant, see DEFAULT_LR)")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then linear decay to zero (default: 50)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, positive (default: r, i.e. scaling 1)")
     p.add_argument("--loss-on", default="all", choices=["all", "value"], help="all: loss on the whole text, as the official run; value: on the value only (default: all)")
-    p.add_argument("--dim", type=int, default=128, help="model width (default: 128)")
-    p.add_argument("--hidden-dim", type=int, default=352, help="SwiGLU width (default: 352)")
-    p.add_argument("--n-heads", type=int, default=4, help="attention heads (default: 4)")
-    p.add_argument("--n-layers", type=int, default=2, help="transformer blocks (default: 2)")
+    p.add_argument("--dim", type=int, default=None, help=f"model width ({by_setting('dim')})")
+    p.add_argument("--hidden-dim", type=int, default=None, help=f"SwiGLU width ({by_setting('hidden_dim')})")
+    p.add_argument("--n-heads", type=int, default=None, help=f"attention heads ({by_setting('n_heads')})")
+    p.add_argument("--n-layers", type=int, default=None, help=f"transformer blocks ({by_setting('n_layers')})")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from a model saved by train_tiny_llama.py --out (any method; its shape replaces --dim etc.) instead of a random one")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pairs, the initial model and the batch order (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="the first seed of the pairs, the initial model and the batch order (default: 0)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat each run over this many seeds, --seed, --seed + 1, ...; the tables "
+                   "show the mean and (min-max), the JSON every seed (default: 1)")
     p.add_argument("--device", type=device_type, default="auto", help="cuda, mps or cpu (default: auto, the best available)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere (default: auto)")
@@ -344,6 +411,8 @@ def parse_args(argv=None):
     if given:
         print(f"note: --method {args.method} ignores {', '.join(given)}")
     args.rank = RANK if args.rank is None else args.rank
+    for name, value in SETTINGS[args.setting].items():  # explicit flags override the setting
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     try:
         args.eval_at = sorted({int(s) for s in args.eval_at.split(",") if s.strip()})
     except ValueError:
@@ -351,8 +420,8 @@ def parse_args(argv=None):
     for name, low in MINIMUM.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**64 - 1:  # torch takes 64 bits (seed + 1 orders the batches); Random(-s) is Random(s)
-        p.error(f"--seed must lie in 0..2**64-2, got {args.seed}")
+    if not 0 <= args.seed <= 2**64 - 1 - args.seeds:  # torch's 64 bits hold the last seed + 1 (the batch order); Random(-s) is Random(s)
+        p.error(f"--seed must lie in 0..{2**64 - 1 - args.seeds} (2**64 - 1 - --seeds), got {args.seed}")
     if not 0 <= args.weight_decay < math.inf:
         p.error(f"--weight-decay must be a finite number at least 0, got {args.weight_decay}")
     if args.lora_alpha is not None and not 0 < args.lora_alpha < math.inf:
@@ -384,6 +453,14 @@ def parse_args(argv=None):
     return args
 
 
+def rank_note(ranks, width):
+    """The paper's ranks are at most 1/16 of the width; over a quarter, updating is not low-rank."""
+    wide = sorted({r for r in ranks if 4 * r > width})
+    if wide:
+        return (f"note: rank {' and '.join(map(str, wide))} is over a quarter of the width {width}, so not low-rank (from half the width, "
+                f"an adapter holds as many numbers as its matrix); --setting paper-ratio (width 1024) keeps ranks up to 256 low-rank")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -393,32 +470,35 @@ def main(argv=None):
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    runs = ALL_RUNS if args.method == "all" else [(args.method, None if args.method == "fft" else args.rank)]
+    if args.method == "variants":
+        rows = [("mora", args.rank, v) for v in PAPER_TABLE4]
+    else:
+        rows = ALL_RUNS if args.method == "all" else [(args.method, None if args.method == "fft" else args.rank)]
+        rows = [(m, r, (args.variant or default_variant(r)) if m == "mora" else None) for m, r in rows]
+    pretrained = load_pretrained(args.init_from, device) if args.init_from else None  # loaded once, copied per run
+    note = rank_note([r for _, r, _ in rows if r], pretrained[0].cfg.dim if pretrained else args.dim)
+    if note:  # one line for what the layers would warn per shape
+        print(note)
     print(f"{args.pairs} UUID pairs, {args.steps} steps of {args.batch_size} pairs, accuracy on {min(args.eval_pairs, args.pairs)} pairs "
-          f"at steps {args.eval_at}, loss on {args.loss_on}, device {device} ({args.precision}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"at steps {args.eval_at}, loss on {args.loss_on}, seeds {args.seed}..{args.seed + args.seeds - 1}, device {device} "
+          f"({args.precision}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     config = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "out")}
     config.update(torch=torch.__version__, threads=torch.get_num_threads())
+    jobs = [(m, r, v, lr, seed) for m, r, v in rows for lr in args.lr or [default_lr(m, r, v)]
+            for seed in range(args.seed, args.seed + args.seeds)]
     results, t0 = [], time.time()
-    for method, rank in runs:
-        variant = (args.variant or default_variant(rank)) if method == "mora" else None
-        for lr in args.lr or [default_lr(method, rank)]:
-            results.append(train_one(method, rank, variant, lr, args.seed, args, device))
-            if args.json:  # after each run, so that a kill loses only the run under way; atomically (write, rename)
-                with open(args.json + ".tmp", "w") as f:
-                    json.dump({"runs": results, "config": {**config, "total_seconds": round(time.time() - t0, 1)}}, f, indent=2)
-                os.replace(args.json + ".tmp", args.json)
-    print(f"\nValue accuracy (%) generated greedily from the key, {args.pairs} pairs ({time.time() - t0:.0f}s in all):\n")
-    print(table(results, ["trainable params", "lr", *(f"step {s}" for s in args.eval_at), "time"], lambda r: [
-        f"{r['trainable_params']:,}", f"{r['lr']:g}", *(f"{r['accuracy'][str(s)]:.1f}" if str(s) in r["accuracy"] else "diverged"
-                                                       for s in args.eval_at), f"{r['seconds']:.0f}s"]))
-    print(f"\nSingular values of the learnt update W_final - W_init above {SV_THRESHOLD} (Sec. 6.1, mean over layers):\n")
-    shapes = next((r["update_rank"] for r in results if r["update_rank"]), {})  # diverged runs have none
-    print(table(results, ["lr", *(f"{p} {c['shape'][0]}x{c['shape'][1]}" for p, c in shapes.items())], lambda r: [f"{r['lr']:g}", *(
-        f"{r['update_rank'][p]['above_threshold']:.0f}" if r["update_rank"] else "diverged" for p in shapes)]))
+    for i, job in enumerate(jobs):
+        results.append(train_one(*job, args, device, pretrained, progress=f"[{i + 1}/{len(jobs)}] "))
+        if args.json:  # after each run, so that a kill loses only the run under way; atomically (write, rename)
+            with open(args.json + ".tmp", "w") as f:
+                json.dump({"runs": results, "config": {**config, "total_seconds": round(time.time() - t0, 1)}}, f, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+    groups = by_config(results)
+    report(groups, args, time.time() - t0)
     if args.json:
         print(f"\nJSON written to {args.json}")
     if args.plot:
-        plot(results, args.plot)
+        plot(groups, args.plot, table4=args.method == "variants")
     return results
 
 
