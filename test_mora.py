@@ -1264,3 +1264,12 @@ def test_byte_level_encoding(corpus, tmp_path, capsys):
     assert abs(run[0]["curve"][0][1] - math.log(257)) < 0.3
     # bits per byte: nearly one token per byte (the <|endoftext|> between documents has no bytes)
     assert math.isclose(run[0]["bits_per_byte"], run[0]["val_loss"] / math.log(2), rel_tol=0.02)
+
+
+def test_help_names_every_flag_and_the_fixed_defaults(capsys):
+    with pytest.raises(SystemExit):
+        ttl.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--weight-decay WEIGHT_DECAY AdamW weight decay on matrices (default: 0.0)" in text
+    assert "--warmup WARMUP linear warm-up steps (default: steps / 10)" in text  # a computed default, said once
+    assert "(default: None)" not in text and "(default: False)" not in text

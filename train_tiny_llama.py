@@ -71,7 +71,7 @@ def variant_name(text):
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: X)' after each help, except where the default is computed (None) or off."""
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain a small LLaMA from scratch with full training, LoRA, ReLoRA, "
