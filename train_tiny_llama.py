@@ -6,14 +6,12 @@ them at equal trainable parameters (MoRA paper, Sec. 5.3).
     python train_tiny_llama.py --method mora --steps 200
     python train_tiny_llama.py --data 'c4/c4-train.0000*-of-01024.json.gz' --preset 60m --vocab-size 32000
     torchrun --standalone --nproc_per_node=8 train_tiny_llama.py --preset 250m ...
-
-Top to bottom: 1. the command line; 2. the data, tokenised once with tiktoken (offline) into numpy
-memmaps; 3. the methods, the merge step and the schedule; 4. training one method, with checkpoints
-and DistributedDataParallel; 5. the report: a table, JSON, a plot.
+Sections: 1. command line; 2. data, tokenised once into numpy memmaps; 3. methods, merge step, schedule;
+4. training one method, with checkpoints and DDP; 5. report (table, JSON, plot) and main.
 """
 
-import argparse, ast, contextlib, fractions, glob, gzip, hashlib, importlib.util, json, math, os, sys, sysconfig
-import tempfile, time
+import argparse, ast, contextlib, fractions, glob, gzip, hashlib, importlib.util, itertools, json, math, os, sys
+import sysconfig, tempfile, time
 
 import numpy as np
 import tiktoken
@@ -37,36 +35,27 @@ DEFAULT_PROJ_LR = {"full": 1e-3, "lora": 5e-3, "relora": 5e-3, "mora": 2e-3, "re
 SEED_LIMIT = 2 ** 64  # torch seeds are 64-bit; seeds derived from --seed wrap around below this
 torch.serialization.add_safe_globals([bytes])  # checkpoints hold the vocabulary as bytes (save_checkpoint)
 
-
 class BadInput(Exception):
     """A problem with the command line or the data: reported in one line, without a traceback."""
 
-
-# -----------------------------------------------------------------------------
-# 1. Command line
-
-def typed(convert, ok, what):
-    """An argparse type: convert the text, then check the value; argparse names the flag in one line."""
+# 1. Command line ------------------------------------------------------------------------------------------------------
+def typed(convert, ok=lambda v: True, what=None):
+    """An argparse type: convert, then check; argparse names the flag in one line (convert's own words if no what)."""
     def parse(text):
         try:
             value = convert(text)
-        except ValueError:
+        except ValueError as e:
+            if what is None:
+                raise argparse.ArgumentTypeError(str(e)) from None
             value = None
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
 
-INT1 = typed(int, lambda v: v > 0, "a positive integer")
-INT0 = typed(int, lambda v: v >= 0, "a non-negative integer")
+INT1, INT0 = typed(int, lambda v: v > 0, "a positive integer"), typed(int, lambda v: v >= 0, "a non-negative integer")
 POSITIVE = typed(float, lambda v: 0 < v < math.inf, "a positive number")
 NON_NEGATIVE = typed(float, lambda v: 0 <= v < math.inf, "a non-negative number")  # nan fails both checks
-
-def variant_name(text):
-    try:
-        return mora.resolve_variant(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: X)' after each help, except where the default is computed (None) or off."""
@@ -89,16 +78,15 @@ def parse_args(argv=None):
     g("--cache-dir", default="data", help="where the tokenised .bin files are cached")
     g = p.add_argument_group("model").add_argument
     g("--preset", default="9m", choices=list(PRESETS), help="LLaMA size (mora.PRESETS)")
-    g("--dim", type=INT1, help="override the preset's hidden size")
-    g("--hidden-dim", type=INT1, help="override the preset's SwiGLU size")
-    g("--n-heads", type=INT1, help="override the preset's number of heads")
-    g("--n-layers", type=INT1, help="override the preset's number of layers")
+    for flag, what in (("dim", "hidden size"), ("hidden-dim", "SwiGLU size"), ("n-heads", "number of heads"),
+                       ("n-layers", "number of layers")):
+        g(f"--{flag}", type=INT1, help=f"override the preset's {what}")
     g("--seq-len", type=INT1, default=128, help="tokens per training sequence")
     g = p.add_argument_group("method").add_argument
     g("--method", default="all", choices=METHODS + ("all",), help="'all': the five, one after the other, same budget")
     g("--rank", type=INT1, help="LoRA rank r; MoRA gets r^ = round(sqrt((d + k) r)), the same budget (default: 16)")
-    g("--variant", type=variant_name, help="MoRA variant, name or official number; ReMoRA cycles the sharing "
-      "groupings 1 -> 2 -> 3 -> 4 between merges (default: sharing)")
+    g("--variant", type=typed(mora.resolve_variant), help="MoRA variant, name or official number; ReMoRA cycles the "
+      "sharing groupings 1 -> 2 -> 3 -> 4 between merges (default: sharing)")
     g("--lora-alpha", type=POSITIVE, help="LoRA alpha, scaling alpha / r (default: r)")
     g("--freeze-embeddings", action="store_true", help="adapter methods: also freeze embeddings, head and norms")
     g("--merge-every", type=INT1, help="ReLoRA / ReMoRA: merge and restart every T steps (default: steps / 5)")
@@ -174,14 +162,10 @@ def parse_args(argv=None):
             p.error(f"{path} exists; pass --resume to continue it, or choose another --out")
     return args
 
-
 def checkpoint_path(args, method, seed):
     return os.path.join(args.out, f"{method}-seed{seed}.pt" if args.seeds > 1 else f"{method}.pt")
 
-
-# -----------------------------------------------------------------------------
-# 2. Data: C4 shards, .jsonl or .txt, or the prose that ships with Python; tokens cached as memmaps
-
+# 2. Data: C4 shards, .jsonl or .txt, or the prose that ships with Python; tokens cached as memmaps --------------------
 def expand_paths(patterns):
     paths = []
     for pattern in patterns:
@@ -192,8 +176,7 @@ def expand_paths(patterns):
     return paths
 
 def read_documents(path):
-    """Yield the documents of one file: a line's 'text' for JSON lines (C4's format), the whole
-    file for .txt; a .gz suffix is decompressed on the fly."""
+    """A file's documents: each line's 'text' for JSON lines (C4's format), the whole of a .txt; .gz is decompressed."""
     name = path[:-3] if path.endswith(".gz") else path
     if not name.endswith((".json", ".jsonl", ".txt")):
         raise BadInput(f"{path}: unknown file type; expected .json.gz (C4), .jsonl, .json or .txt, optionally .gz")
@@ -228,11 +211,9 @@ def python_prose():
                     tree = ast.parse(f.read())
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue  # a few files are deliberately broken or in another encoding
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= 200:
-                        yield doc
+            docs = (ast.get_docstring(n) for n in ast.walk(tree)
+                    if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+            yield from (doc for doc in docs if doc and len(doc) >= 200)
 
 class ByteEncoding:
     """Raw UTF-8 bytes as ids 0-255 and <|endoftext|> as 256: the smallest vocabulary, no tokenizer."""
@@ -242,8 +223,10 @@ class ByteEncoding:
     decode = staticmethod(lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace"))
     decode_single_token_bytes = staticmethod(lambda i: bytes([i]) if i < 256 else b"<|endoftext|>")
 
-
 def get_encoding(name, vocab_size):
+    """The encoding, cut to its first vocab_size - 1 BPE ranks plus <|endoftext|> (vocab_size 0: whole). A token is
+    built only from tokens of lower rank, so these form a valid smaller BPE vocabulary with the same merges in the
+    same order. All 256 single bytes stay (ranks 0-255 in tiktoken's encodings, kept anyway if not)."""
     if name == "bytes":
         return ByteEncoding()
     try:
@@ -254,12 +237,8 @@ def get_encoding(name, vocab_size):
         raise BadInput(f"--encoding {name!r} could not be loaded (it may need a download): {e}") from None
     if vocab_size > base.n_vocab:
         raise BadInput(f"--vocab-size {vocab_size} is larger than {name}'s {base.n_vocab} tokens")
-    return truncated_encoding(base, vocab_size) if vocab_size else base
-
-def truncated_encoding(base, vocab_size):
-    """The base encoding cut to its first BPE ranks plus <|endoftext|>. A token is only built from tokens of
-    lower rank, so these form a valid smaller BPE vocabulary with the same merges in the same order. All 256
-    single bytes stay (ranks 0-255 in tiktoken's encodings, kept anyway if not): any text can be encoded."""
+    if not vocab_size:
+        return base
     ranks = base._mergeable_ranks  # tiktoken's documented way to build a derived Encoding
     single_bytes = [(r, b) for b, r in ranks.items() if len(b) == 1]
     merges = sorted((r, b) for b, r in ranks.items() if len(b) > 1)[: vocab_size - 1 - len(single_bytes)]
@@ -269,8 +248,7 @@ def truncated_encoding(base, vocab_size):
                              special_tokens={"<|endoftext|>": len(kept)})
 
 def token_bytes(enc):
-    """The bytes of every id, b'' for an id the encoding leaves unused (saved with checkpoints, so
-    that a reader needs no tokenizer)."""
+    """The bytes of every id, b'' where unused: saved with checkpoints, so that a reader needs no tokenizer."""
     def one(i):
         try:
             return enc.decode_single_token_bytes(i)
@@ -294,29 +272,24 @@ def write_atomic(path, write, mode="wb"):
     os.replace(f.name, path)
 
 def tokenize_to_cache(documents, enc, folder, val_fraction, log):
-    """Tokenise once into train.bin and val.bin: documents joined by <|endoftext|>, val_fraction of them spread
-    evenly to validation (no text in both), or with too few documents to hold one out, the last val_fraction
-    of the tokens. Files are renamed into place only when whole, meta.json last: it marks a complete cache."""
+    """Tokenise once into train.bin and val.bin: documents joined by <|endoftext|>, val_fraction of them spread evenly
+    to validation (no text in both), or with too few documents to hold one out, the last val_fraction of the tokens.
+    Files are renamed into place only when whole, meta.json last: it marks a complete cache."""
     os.makedirs(folder, exist_ok=True)
     dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32
     share = fractions.Fraction(val_fraction).limit_denominator(1000)  # exact: 0.05 holds out every 20th document
     held_out = lambda i: (i + 1) * share.numerator // share.denominator > i * share.numerator // share.denominator
-    counts, n_docs, n_bytes, t0, batch = {"train": 0, "val": 0}, 0, 0, time.time(), []
+    counts, n_docs, n_bytes, t0, documents = {"train": 0, "val": 0}, 0, 0, time.time(), filter(None, documents)
     files = {split: temporary(os.path.join(folder, f"{split}.bin")) for split in counts}
     try:
-        def flush():
-            for i, ids in enumerate(enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1)):
-                split = "val" if held_out(n_docs - len(batch) + i) else "train"
+        while batch := list(itertools.islice(documents, 4096)):
+            for ids in enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1):
+                split, n_docs = "val" if held_out(n_docs) else "train", n_docs + 1
                 np.asarray(ids + [enc.eot_token], dtype=dtype).tofile(files[split])
                 counts[split] += len(ids) + 1
-            batch.clear()
-        for doc in filter(None, documents):
-            batch.append(doc)
-            n_docs, n_bytes = n_docs + 1, n_bytes + len(doc.encode("utf-8"))
+            n_bytes += sum(len(doc.encode("utf-8")) for doc in batch)
             if len(batch) == 4096:
-                flush()
                 log(f"tokenising: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB, {time.time() - t0:.0f}s")
-        flush()
         for f in files.values():
             f.close()
         if not n_docs:
@@ -370,10 +343,7 @@ def get_batch(data, batch_size, seq_len, generator):
     window = torch.from_numpy(np.stack([data[s: s + seq_len + 1] for s in starts]).astype(np.int64))
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
-
-# -----------------------------------------------------------------------------
-# 3. The methods, the merge step, the schedule, the measurements
-
+# 3. The methods, the merge step, the schedule, the measurements -------------------------------------------------------
 def model_config(args, vocab_size):
     overrides = {k: getattr(args, k) for k in ("dim", "hidden_dim", "n_heads", "n_layers") if getattr(args, k)}
     try:
@@ -387,9 +357,8 @@ def initial_model(cfg, seed):
     return Llama(cfg)
 
 def build_model(cfg, method, args):
-    """The seeded initialisation, then the method's adapters: full training trains every weight;
-    LoRA / MoRA freeze W0 and adapt q, k, v, o, gate, up, down; ReLoRA / ReMoRA are the same
-    layers, merged every T steps. Sec. 5.3 trains the embeddings, head and norms fully."""
+    """The seeded initialisation, then the method's adapters on q, k, v, o, gate, up, down (W0 frozen); ReLoRA /
+    ReMoRA are the same layers, merged every T steps. Sec. 5.3 trains the embeddings, head and norms fully."""
     model = initial_model(cfg, args.seed)
     if method in ("lora", "relora"):
         apply_adapters(model, "lora", r=args.rank, targets=DEFAULT_TARGETS, alpha=args.lora_alpha)
@@ -402,9 +371,8 @@ def build_model(cfg, method, args):
 
 @torch.no_grad()
 def merge_adapters(model, optimizer, seed):
-    """ReLoRA / ReMoRA's step (Sec. 5.3): W0 += dW, fresh adapters (MoRA's sharing family moves to its
-    next grouping), and the Adam moments of the adapters alone are dropped, since they belong to the
-    old adapters. The seed makes LoRA's new A the same on every process and after a resume."""
+    """ReLoRA / ReMoRA's step (Sec. 5.3): W0 += dW, fresh adapters (MoRA's sharing family moves to its next grouping),
+    and the adapters' Adam moments dropped. The seed makes LoRA's new A the same on every process and after a resume."""
     torch.manual_seed(seed)
     for _, layer in adapter_layers(model):
         layer.merge_and_reinit()
@@ -412,8 +380,7 @@ def merge_adapters(model, optimizer, seed):
             optimizer.state.pop(p, None)
 
 def lr_factor(step, args, merges):
-    """Linear warm-up, cosine decay to min_lr_ratio; with merges, every restart ramps up again over
-    `rewarmup` steps to the cosine's value: ReLoRA's jagged cosine."""
+    """Linear warm-up, cosine decay to min_lr_ratio; with merges, ReLoRA's jagged cosine: a re-warm-up after each."""
     if step < args.warmup:
         return (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
@@ -443,8 +410,7 @@ def evaluate(model, windows, batch_size, autocast):
 
 @torch.no_grad()
 def singular_value_counts(model, cfg, seed, threshold):
-    """Sec. 6.1: singular values above threshold of each projection's W_final - W_init, W_init rebuilt
-    from the seed. Returns (mean count per matrix, mean min(d, k))."""
+    """Sec. 6.1: (mean count per matrix, mean min(d, k)) of the singular values above threshold of W_final - W_init."""
     initial, final = mora.effective_weights(initial_model(cfg, seed)), mora.effective_weights(model)
     counts = [mora.count_singular_values(final[name].cpu() - w0, threshold) for name, w0 in initial.items()]
     return sum(counts) / len(counts), sum(min(w.shape) for w in initial.values()) / len(initial)
@@ -460,13 +426,10 @@ def format_time(seconds):
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
-
-# -----------------------------------------------------------------------------
-# 4. Training one method
-
+# 4. Training one method -----------------------------------------------------------------------------------------------
 def fingerprint(args, cfg, method, proj_lr, meta, env):
-    """Everything that shapes a run's curve: a checkpoint resumes only under the same values. It also
-    tells a reader (train_uuid.py --init-from) how to rebuild the model; unused settings are None."""
+    """Everything that shapes a run's curve, so that a checkpoint resumes only under the same values; it also tells
+    a reader (train_uuid.py --init-from) how to rebuild the model. Unused settings are None."""
     keys = ("seq_len", "lr", "freeze_embeddings", "steps", "batch_size", "grad_accum", "min_lr_ratio", "warmup",
             "weight_decay", "grad_clip", "seed", "eval_every", "val_tokens")
     return {"model": vars(cfg), "method": method, "proj_lr": proj_lr, "world_size": env["world"], "dtype": env["dtype"],
@@ -493,8 +456,7 @@ def load_checkpoint(path, expected):
     return state
 
 def train_method(method, args, env, data, run_index, n_runs):
-    """Train one method from scratch (or from its checkpoint) and return its results. A run whose
-    loss turns non-finite stops there, is marked diverged and saves nothing more."""
+    """Train one method from scratch (or its checkpoint); a run whose loss turns non-finite stops, marked diverged."""
     log, device, autocast, rank, world = env["log"], env["device"], env["autocast"], env["rank"], env["world"]
     cfg, proj_lr, merges = data["cfg"], args.proj_lr or DEFAULT_PROJ_LR[method], method in MERGING
     raw = build_model(cfg, method, args).to(device)
@@ -592,13 +554,9 @@ def train_method(method, args, env, data, run_index, n_runs):
             log(f"{method} sample (greedy): {data['enc'].decode(sample)!r}")
     return result
 
-
-# -----------------------------------------------------------------------------
-# 5. Report and main
-
+# 5. Report and main ---------------------------------------------------------------------------------------------------
 def print_table(runs, threshold, log):
-    """One row per method; over several seeds a measurement is the mean [min, max] of the runs that did not
-    diverge, and tokens and time are the mean of a run."""
+    """One row per method; over seeds the mean [min, max] of the runs that did not diverge (tokens, time: the mean)."""
     def cell(values, show, spread=True):
         return "-" if not values else show(sum(values) / len(values)) + (
             f" [{show(min(values))}, {show(max(values))}]" if spread and len(values) > 1 else "")
@@ -621,7 +579,6 @@ def print_table(runs, threshold, log):
     for row in rows:  # text left, numbers right
         log("  ".join(c.ljust(w) if i in (0, 2, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
 
-
 def plot_curves(runs, path, log):
     import matplotlib
     matplotlib.use("Agg")
@@ -639,9 +596,11 @@ def plot_curves(runs, path, log):
     fig.savefig(path, dpi=120)
     log(f"wrote {path}")
 
-
-def resolve_device(name):
-    """'auto' (the best available: cuda, mps, cpu) or a torch device that this machine has."""
+def setup(args):
+    """Processes (torchrun sets RANK / WORLD_SIZE), device ('auto': cuda, then mps, then cpu) and precision."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -651,13 +610,6 @@ def resolve_device(name):
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if device.type in available and not available[device.type]():
         raise BadInput(f"--device {name!r}: {device.type.upper()} is not available")
-    return device
-
-def setup(args):
-    """Processes (torchrun sets RANK / WORLD_SIZE), device and precision."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
