@@ -13,6 +13,7 @@ Notation (as in the paper): a frozen nn.Linear W0 of shape (d, k), d = out_featu
 k = in_features; an adapter adds dW x to W0 x.
 """
 
+import functools
 import inspect
 import math
 import operator
@@ -66,7 +67,7 @@ class AdapterLinear(nn.Module):
         refused before W0 changes (PEFT's safe_merge): unmerge() could not undo it."""
         w = self.base.weight
         new = (w.to(torch.promote_types(w.dtype, torch.float32)) + sign * self.get_delta_weight()).to(w.dtype)
-        if not torch.isfinite(new).all():
+        if not new.is_meta and not torch.isfinite(new).all():
             raise ValueError(f"{type(self).__name__}({self.extra_repr()}): the update is not finite (NaN or inf); "
                              f"W0 left unchanged")
         w.copy_(new)
@@ -95,8 +96,8 @@ class AdapterLinear(nn.Module):
     def get_extra_state(self):  # a merged layer loaded from its state must not be merged twice
         return torch.tensor([float(self.merged)], dtype=torch.float64)
 
-    def set_extra_state(self, state):
-        self.merged = bool(state[0])
+    def set_extra_state(self, state):  # a dict: this project's checkpoints from before the tensor format
+        self.merged = bool(state["merged"] if isinstance(state, dict) else state[0])
 
 
 def _check_rank(r):
@@ -146,6 +147,8 @@ class LoRALinear(AdapterLinear):
 
     def set_extra_state(self, state):
         super().set_extra_state(state)
+        if isinstance(state, dict):  # the old format did not save alpha: the layer keeps its own
+            return
         alpha = state[1].item()
         if alpha != self.alpha:
             warnings.warn(f"LoRA adapter saved with alpha={alpha:g} loaded into a layer built with alpha={self.alpha:g}; "
@@ -159,6 +162,7 @@ class LoRALinear(AdapterLinear):
 # -----------------------------------------------------------------------------
 # MoRA: dW x = f_decomp(M f_comp(x)), M square (r^ x r^), zero-initialised, no scaling
 
+# The order is part of the saved format: _extra_state stores a variant as its index here.
 VARIANTS = ("truncation", "sharing", "decoupling", "rotation", "sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri")
 OFFICIAL_TYPES = {1: "sharing", 2: "sharing_gs_ri", 3: "sharing_gs_t", 4: "sharing_cs_ri", 6: "rotation"}
 # (f_comp, f_decomp) of the sharing family, in ReMoRA's cycle order
@@ -246,16 +250,21 @@ def rope_cos_sin(dim, n_positions, theta=10000.0, dtype=None, device=None):
     """Rotary tables (n_positions, dim): position i turns the pair (j, j + dim/2) by i * theta^(-2j/dim).
 
     Serves MoRA's rotation (Eq. 9), whose positions are block indices, and the model's attention.
-    Computed when needed (a few hundred numbers), so no buffer can go stale: a model loaded
-    through the meta device or cast to another dtype gets the right tables.
+    Not buffers but computed when needed, once per shape, dtype and device: a model loaded through
+    the meta device or cast to another dtype gets the right tables, and none can go stale.
     """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    freqs = theta ** (-torch.arange(0, dim, 2, dtype=exact, device=device)[: dim // 2] / dim)
-    angles = torch.outer(torch.arange(n_positions, dtype=exact, device=device), freqs)
-    angles = torch.cat([angles, angles], dim=-1)  # rotate-half convention: same angle for j and j + dim/2
     dtype = dtype or torch.get_default_dtype()
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return _rope_tables(dim, n_positions, float(theta), dtype, torch.device("cpu" if device is None else device))
+
+
+@functools.lru_cache(maxsize=64)  # ~10 small operations otherwise, in every forward of every layer
+def _rope_tables(dim, n_positions, theta, dtype, device):
+    with torch.inference_mode(False):  # a table first made under inference_mode must still serve training
+        exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=exact, device=device)[: dim // 2] / dim)
+        angles = torch.outer(torch.arange(n_positions, dtype=exact, device=device), freqs)
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half convention: same angle for j and j + dim/2
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate_half(x):
@@ -369,16 +378,22 @@ class MoRALinear(AdapterLinear):
         M R_i is each row of M turned by -phi_i: apply_rotary with -sin. Returns (..., n_blocks, r^)."""
         cos, sin = rope_cos_sin(self.r_hat, self.n_blocks, dtype=self.M.dtype, device=self.M.device)
         M_i = apply_rotary(self.M, cos[:, None, :], -sin[:, None, :])  # (n_blocks, r^, r^)
-        x_i = cyclic_pad(x, self.n_blocks * self.r_hat).split(self.r_hat, dim=-1)  # views, no copy
+        x_i = cyclic_pad(x, self.n_blocks * self.r_hat).split(self.r_hat, dim=-1)  # views (of a copy only when padded)
         return torch.stack([x_b @ M_b.T for x_b, M_b in zip(x_i, M_i)], dim=-2)
 
     def get_delta_weight(self):
         """The explicit (d, k) update, in float32 at least (differentiable; detach for analysis).
         The update is linear in x, so dW^T is the update of the k unit vectors: the same f_comp and
-        f_decomp as forward, applied to the identity."""
-        dtype = torch.promote_types(self.M.dtype, torch.float32)
-        eye = torch.eye(self.in_features, dtype=dtype, device=self.M.device)
-        return self.f_decomp(self.f_comp(eye) @ self.M.to(dtype).T).T
+        f_decomp as forward, applied to the identity, 1024 rows at a time (not k x k at once)."""
+        dtype, k = torch.promote_types(self.M.dtype, torch.float32), self.in_features
+        M = self.M.to(dtype)
+        rows = []
+        for start in range(0, k, 1024):
+            i = torch.arange(start, min(start + 1024, k), device=M.device)
+            units = torch.zeros(len(i), k, dtype=dtype, device=M.device)
+            units[i - start, i] = 1  # the unit vectors e_start, e_(start + 1), ...
+            rows.append(self.f_decomp(self.f_comp(units) @ M.T))
+        return torch.cat(rows).T
 
     @torch.no_grad()
     def reset_adapter(self):
@@ -396,10 +411,12 @@ class MoRALinear(AdapterLinear):
         return torch.cat([super().get_extra_state(), torch.tensor([VARIANTS.index(self.variant)], dtype=torch.float64)])
 
     def set_extra_state(self, state):
-        index = int(state[1])
-        if not 0 <= index < len(VARIANTS):
-            raise ValueError(f"saved MoRA state names no variant (index {index})")
-        variant = VARIANTS[index]
+        if isinstance(state, dict):  # the old format saved the variant's name
+            variant = resolve_variant(state["variant"])
+        elif 0 <= int(state[1]) < len(VARIANTS):
+            variant = VARIANTS[int(state[1])]
+        else:
+            raise ValueError(f"saved MoRA state names no variant (index {int(state[1])})")
         if variant != self.variant and not (variant in SHARING_GROUPINGS and self.variant in SHARING_GROUPINGS):
             raise ValueError(f"cannot load MoRA variant {variant!r} into a {self.variant!r} layer")
         super().set_extra_state(state)
@@ -448,12 +465,14 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
     _check_rank(r)
     all_linear = targets == ("all-linear",)
     head = _output_layer(model) if all_linear else None
-    matches, found, inside_adapter = [], set(), ()
+    matches, found, skipped = [], set(), ()
     for name, module in model.named_modules():
-        if not name or name.startswith(inside_adapter):
+        if not name or name.startswith(skipped):
             continue
         if isinstance(module, AdapterLinear):
-            inside_adapter += (name + ".",)
+            skipped += (name + ".",)
+        if isinstance(module, nn.MultiheadAttention):  # it reads out_proj.weight directly: an adapter would be ignored
+            skipped += (name + ".",)
         hits = {t for t in targets if name == t or name.endswith("." + t)}
         if all_linear and isinstance(module, nn.Linear) and module is not head:
             hits = {"all-linear"}
@@ -466,7 +485,13 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
     missing = [t for t in targets if t not in found]
     if missing:
         raise ValueError(f"target(s) {missing} match no nn.Linear in the model")
-    new_layers = [(name, layer_cls(module, r, **layer_kwargs)) for name, module in matches]
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        new_layers = [(name, layer_cls(module, r, **layer_kwargs)) for name, module in matches]
+    except ValueError:
+        for p, flag in trainable:  # building a layer freezes its base: undo that
+            p.requires_grad_(flag)
+        raise
     owners = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
@@ -489,14 +514,17 @@ def merge_and_unload(model):
     """Merge every adapter into its base layer and put the plain nn.Linear back (in place);
     returns the model (the base layer itself when given a single adapter layer)."""
     if isinstance(model, AdapterLinear):
-        return merge_and_unload(nn.Sequential(model))[0]
-    layers = adapter_layers(model)
-    for name, layer in layers:  # every merge is checked before any layer is replaced
+        return merge_and_unload(nn.ModuleDict({"layer": model}))["layer"]
+    layers, merged_now = adapter_layers(model), []
+    for name, layer in layers:  # all or nothing: a refused merge undoes the merges before it
         if not layer.merged:
             try:
                 layer.merge()
             except ValueError as e:
-                raise ValueError(f"{name or 'layer'}: {e}") from None
+                for done in merged_now:
+                    done.unmerge()
+                raise ValueError(f"{name}: {e}") from None
+            merged_now.append(layer)
     for name, layer in layers:
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer.base)

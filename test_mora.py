@@ -324,7 +324,7 @@ def test_bfloat16_autocast_forward_backward(method, kwargs):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_rotation_tables_follow_the_dtype_and_merge_uses_float32():
+def test_merge_of_a_bfloat16_rotation_uses_float32_tables():
     bf16 = make_mora(24, 40, 2, "rotation", dtype=torch.float32).to(torch.bfloat16)
     exact = make_mora(24, 40, 2, "rotation", dtype=torch.float64)
     with torch.no_grad():
@@ -729,7 +729,36 @@ def test_merge_refuses_a_non_finite_update(make):
         model.layers[1].mlp.up.M[0, 0] = float("inf")
     with pytest.raises(ValueError, match="layers.1.mlp.up"):
         merge_and_unload(model)
-    assert len(mora.adapter_layers(model)) == 14  # nothing unloaded
+    assert len(mora.adapter_layers(model)) == 14  # nothing unloaded, and nothing left merged
+    assert not any(layer.merged for _, layer in mora.adapter_layers(model))
+    meta = MoRALinear(nn.Linear(8, 8, device="meta"), 2)
+    meta.merge()  # no values to check on the meta device
+    assert meta.merged
+
+
+def test_checkpoints_in_the_old_dict_format_still_load():
+    model = apply_adapters(tiny_model(), "mora", r=4, variant="sharing")
+    _randomise_adapters(model)
+    idx = torch.randint(0, 37, (2, 12))
+    expected, _ = model(idx)
+    old = {k: ({"merged": False, "variant": "sharing"} if k.endswith("_extra_state") else v) for k, v in model.state_dict().items()}
+    fresh = apply_adapters(tiny_model(), "mora", r=4, variant="sharing")
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh(idx)[0], expected)
+    lora = _nonzero_lora(6, 4, 2)
+    old = {k: ({"merged": True} if k.endswith("_extra_state") else v) for k, v in lora.state_dict().items()}
+    lora.load_state_dict(old)
+    assert lora.merged and lora.alpha == 4
+
+
+def test_all_linear_leaves_multihead_attention_alone_and_a_failed_build_changes_nothing():
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
+    apply_adapters(layer, "lora", r=2, targets="all-linear")  # MHA reads out_proj.weight itself
+    assert sorted(n for n, _ in mora.adapter_layers(layer)) == ["linear1", "linear2"]
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="alpha"):
+        apply_adapters(model, "lora", r=2, targets=("0", "1"), alpha=-1)
+    assert all(p.requires_grad for p in model.parameters()) and not mora.adapter_layers(model)
 
 
 def test_peft_conventions_weight_bias_and_suffix_targets():
@@ -783,6 +812,9 @@ def test_a_hugging_face_llama_adapts_merges_and_saves(tmp_path):
     idx = torch.randint(0, 64, (2, 9))
     expected = model(idx).logits
     model.save_pretrained(tmp_path, safe_serialization=True)  # unmerged adapters, safetensors
+    reloaded = apply_adapters(transformers.LlamaForCausalLM(cfg).eval(), "mora", r=2, targets=hf_targets)
+    reloaded.load_state_dict(pytest.importorskip("safetensors.torch").load_file(tmp_path / "model.safetensors"), strict=False)
+    assert torch.equal(reloaded(idx).logits, expected)
     merged = merge_and_unload(model)
     assert torch.allclose(merged(idx).logits, expected, atol=1e-5)
     every = transformers.LlamaForCausalLM(cfg)
