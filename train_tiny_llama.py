@@ -26,7 +26,7 @@ METHODS = ("full", "lora", "relora", "mora", "remora")
 ADAPTED, MERGING = METHODS[1:], ("relora", "remora")
 USES = {"rank": ADAPTED, "freeze_embeddings": ADAPTED, "variant": ("mora", "remora"), "lora_alpha": ("lora", "relora"),
         "merge_every": MERGING, "rewarmup": MERGING}  # flags that only some methods read
-# Peak learning rates on the default CPU setting, from the sweep in the README. Every method trains
+# Peak learning rates on the default CPU setting, from the sweep in results/README.md. Every method trains
 # the embeddings, head and norms at DEFAULT_LR. What it trains in the projections q, k, v, o, gate,
 # up, down (the weights themselves, LoRA's A and B, or MoRA's M) has its own rate, since one Adam
 # step moves dW by different amounts: LoRA's is damped by the small A, MoRA's M lands in dW as is.

@@ -45,7 +45,7 @@ ALL_RUNS = [("fft", None), ("lora", 8), ("mora", 8), ("lora", 256), ("mora", 256
 # GSM8K accuracy (%) of LLaMA-2 7B at r = 8 and 256: another task, so only the order compares.
 PAPER_TABLE4 = {"truncation": {8: 59.5, 256: 66.6}, "sharing": {8: 62.5, 256: 67.9},
                 "decoupling": {8: 63.6, 256: 67.8}, "rotation": {8: 64.2, 256: 67.9}}
-# Peak learning rates from the sweep in the README (results/uuid_lr_sweep.json); the paper's
+# Peak learning rates from the sweep in results/README.md (results/uuid_lr_sweep.json); the paper's
 # 3e-4 is for a 7B model. Ranks 8 and 256 were tuned; other ranks take the nearer one's. MoRA was
 # tuned with each rank's default variant (rotation at 8, sharing at 256); the other variants take
 # the same rates for now, to be tuned: see results/README.md.
