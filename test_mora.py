@@ -412,138 +412,12 @@ def test_warns_once_when_m_is_larger_than_the_full_matrix():
 
 
 # -----------------------------------------------------------------------------
-# the model and the helpers
+# helpers: adapting, merging and saving a model
 
 
 def tiny_model(seed=0, vocab=37):
     torch.manual_seed(seed)
     return Llama(LlamaConfig.from_preset("tiny", vocab_size=vocab, max_seq_len=32))
-
-
-def test_presets_and_parameter_count():
-    assert LlamaConfig.from_preset("250m").hidden_dim == 2560
-    cfg = LlamaConfig.from_preset("tiny", vocab_size=37)
-    model = Llama(cfg)
-    C, H, V, L = cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_layers
-    assert count_parameters(model) == 2 * V * C + C + L * (4 * C * C + 3 * C * H + 2 * C)
-    with pytest.raises(ValueError, match="'huge'"):
-        LlamaConfig.from_preset("huge")
-
-
-def test_init_scales_residual_projections():
-    model = Llama(LlamaConfig.from_preset("9m", vocab_size=64))
-    assert abs(model.layers[0].attn.q.weight.std().item() - 0.02) < 0.002
-    assert abs(model.layers[0].mlp.down.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
-    assert abs(model.layers[0].attn.o.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
-    assert abs(model.embed.weight.std().item() - 0.02) < 0.002
-
-
-def test_block_matches_a_direct_computation():
-    torch.manual_seed(0)
-    cfg = LlamaConfig.from_preset("tiny", vocab_size=11, max_seq_len=8)
-    block = mora.Block(cfg)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.3)
-    x = torch.randn(2, 8, cfg.dim)
-    cos, sin = mora.rope_cos_sin(cfg.dim // cfg.n_heads, 8)
-
-    def norm(v, w):
-        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
-
-    def rope(v):  # pairs (j, j + h) turned by position * 10000^(-2j/hd)
-        hd = v.shape[-1]
-        h = hd // 2
-        ang = torch.arange(8)[:, None] * 10000 ** (-torch.arange(h) * 2 / hd)
-        c, s = ang.cos(), ang.sin()
-        return torch.cat([v[..., :h] * c - v[..., h:] * s, v[..., h:] * c + v[..., :h] * s], -1)
-
-    a = block.attn
-    hn = norm(x, block.attn_norm.weight)
-    heads = lambda t: t.view(2, 8, cfg.n_heads, -1).transpose(1, 2)
-    q, k, v = rope(heads(hn @ a.q.weight.T)), rope(heads(hn @ a.k.weight.T)), heads(hn @ a.v.weight.T)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
-    att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 8, cfg.dim)
-    h = x + att @ a.o.weight.T
-    m = block.mlp
-    hn = norm(h, block.mlp_norm.weight)
-    expected = h + (torch.nn.functional.silu(hn @ m.gate.weight.T) * (hn @ m.up.weight.T)) @ m.down.weight.T
-    assert torch.allclose(block(x, cos, sin), expected, atol=1e-4)
-
-
-def test_optimizer_decays_matrices_only():
-    model = tiny_model()
-    opt = model.configure_optimizers(0.1, 1e-3)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
-    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
-
-
-def test_optimizer_gives_the_projections_their_own_rate():
-    model = tiny_model()  # full training: the projection weights are the projections' parameters
-    opt = model.configure_optimizers(0.1, 1e-3, projection_lr=5e-3)
-    proj, other, norms = opt.param_groups
-    assert {id(p) for p in proj["params"]} == {id(m.weight) for n, m in model.named_modules()
-                                               if n.rpartition(".")[2] in mora.DEFAULT_TARGETS}
-    assert (proj["peak_lr"], other["peak_lr"], norms["peak_lr"]) == (5e-3, 1e-3, 1e-3)
-    assert {id(p) for p in other["params"]} == {id(model.embed.weight), id(model.head.weight)}
-    apply_adapters(model, "lora", r=2)
-    model.embed.requires_grad_(True)
-    proj, other = model.configure_optimizers(0.1, 1e-3, projection_lr=5e-3).param_groups
-    assert {id(p) for p in proj["params"]} == {id(p) for _, m in mora.adapter_layers(model) for p in (m.A, m.B)}
-    assert [id(p) for p in other["params"]] == [id(model.embed.weight)]
-
-
-def test_model_is_causal():
-    model = tiny_model()
-    idx = torch.randint(0, 37, (2, 16))
-    changed = idx.clone()
-    changed[:, 10] = (idx[:, 10] + 1) % 37
-    a, _ = model(idx)
-    b, _ = model(changed)
-    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
-    assert not torch.allclose(a[:, 10:], b[:, 10:])
-
-
-def test_loss_ignores_minus_100_and_overfits_one_batch():
-    model = tiny_model()
-    idx = torch.randint(0, 37, (4, 16))
-    targets = idx.roll(-1, dims=1)
-    targets[:, -1] = -100
-    _, loss0 = model(idx, targets)
-    assert abs(loss0.item() - math.log(37)) < 0.3
-    _, same = model(idx, targets.T.contiguous().T)  # non-contiguous targets work too
-    assert torch.equal(same, loss0)
-    opt = model.configure_optimizers(0.0, 3e-3)
-    for _ in range(30):
-        _, loss = model(idx, targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5 * loss0.item()
-
-
-def test_generation_greedy_is_deterministic_and_sampling_runs():
-    model = tiny_model()
-    prompt = torch.randint(0, 37, (3, 5))
-    a = model.generate(prompt, 8)
-    b = model.generate(prompt, 8)
-    assert a.shape == (3, 13) and torch.equal(a, b) and torch.equal(a[:, :5], prompt)
-    logits, _ = model(a[:, :-1])
-    assert torch.equal(logits[:, 4:].argmax(-1), a[:, 5:])  # each new token is the argmax
-    torch.manual_seed(0)
-    s = model.generate(prompt, 8, temperature=1.0, top_k=3)
-    assert s.shape == (3, 13) and s.max() < 37
-    assert torch.equal(model.generate(prompt, 8, temperature=1.0, top_k=1), a)  # top-1 sampling is greedy
-    assert torch.equal(model.generate(prompt, 8, temperature=1e-6), a)
-    long = model.generate(torch.randint(0, 37, (1, 30)), 8)  # crops the context to max_seq_len
-    assert long.shape == (1, 38)
-
-
-def test_sequence_too_long_is_an_error():
-    with pytest.raises(ValueError, match="33"):
-        tiny_model()(torch.zeros(1, 33, dtype=torch.long))
 
 
 def _randomise_adapters(model, scale=0.05):
@@ -868,6 +742,136 @@ def test_variant_aliases():
     for number, name in official.items():
         assert MoRALinear(nn.Linear(32, 32), 2, variant=number).variant == name
         assert MoRALinear(nn.Linear(32, 32), 2, variant=str(number)).variant == name
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def test_presets_and_parameter_count():
+    assert LlamaConfig.from_preset("250m").hidden_dim == 2560
+    cfg = LlamaConfig.from_preset("tiny", vocab_size=37)
+    model = Llama(cfg)
+    C, H, V, L = cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.n_layers
+    assert count_parameters(model) == 2 * V * C + C + L * (4 * C * C + 3 * C * H + 2 * C)
+    with pytest.raises(ValueError, match="'huge'"):
+        LlamaConfig.from_preset("huge")
+
+
+def test_init_scales_residual_projections():
+    model = Llama(LlamaConfig.from_preset("9m", vocab_size=64))
+    assert abs(model.layers[0].attn.q.weight.std().item() - 0.02) < 0.002
+    assert abs(model.layers[0].mlp.down.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
+    assert abs(model.layers[0].attn.o.weight.std().item() - 0.02 / math.sqrt(8)) < 0.001
+    assert abs(model.embed.weight.std().item() - 0.02) < 0.002
+
+
+def test_block_matches_a_direct_computation():
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_preset("tiny", vocab_size=11, max_seq_len=8)
+    block = mora.Block(cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 8, cfg.dim)
+    cos, sin = mora.rope_cos_sin(cfg.dim // cfg.n_heads, 8)
+
+    def norm(v, w):
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+
+    def rope(v):  # pairs (j, j + h) turned by position * 10000^(-2j/hd)
+        hd = v.shape[-1]
+        h = hd // 2
+        ang = torch.arange(8)[:, None] * 10000 ** (-torch.arange(h) * 2 / hd)
+        c, s = ang.cos(), ang.sin()
+        return torch.cat([v[..., :h] * c - v[..., h:] * s, v[..., h:] * c + v[..., :h] * s], -1)
+
+    a = block.attn
+    hn = norm(x, block.attn_norm.weight)
+    heads = lambda t: t.view(2, 8, cfg.n_heads, -1).transpose(1, 2)
+    q, k, v = rope(heads(hn @ a.q.weight.T)), rope(heads(hn @ a.k.weight.T)), heads(hn @ a.v.weight.T)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+    att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 8, cfg.dim)
+    h = x + att @ a.o.weight.T
+    m = block.mlp
+    hn = norm(h, block.mlp_norm.weight)
+    expected = h + (torch.nn.functional.silu(hn @ m.gate.weight.T) * (hn @ m.up.weight.T)) @ m.down.weight.T
+    assert torch.allclose(block(x, cos, sin), expected, atol=1e-4)
+
+
+def test_optimizer_decays_matrices_only():
+    model = tiny_model()
+    opt = model.configure_optimizers(0.1, 1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_optimizer_gives_the_projections_their_own_rate():
+    model = tiny_model()  # full training: the projection weights are the projections' parameters
+    opt = model.configure_optimizers(0.1, 1e-3, projection_lr=5e-3)
+    proj, other, norms = opt.param_groups
+    assert {id(p) for p in proj["params"]} == {id(m.weight) for n, m in model.named_modules()
+                                               if n.rpartition(".")[2] in mora.DEFAULT_TARGETS}
+    assert (proj["peak_lr"], other["peak_lr"], norms["peak_lr"]) == (5e-3, 1e-3, 1e-3)
+    assert {id(p) for p in other["params"]} == {id(model.embed.weight), id(model.head.weight)}
+    apply_adapters(model, "lora", r=2)
+    model.embed.requires_grad_(True)
+    proj, other = model.configure_optimizers(0.1, 1e-3, projection_lr=5e-3).param_groups
+    assert {id(p) for p in proj["params"]} == {id(p) for _, m in mora.adapter_layers(model) for p in (m.A, m.B)}
+    assert [id(p) for p in other["params"]] == [id(model.embed.weight)]
+
+
+def test_model_is_causal():
+    model = tiny_model()
+    idx = torch.randint(0, 37, (2, 16))
+    changed = idx.clone()
+    changed[:, 10] = (idx[:, 10] + 1) % 37
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_loss_ignores_minus_100_and_overfits_one_batch():
+    model = tiny_model()
+    idx = torch.randint(0, 37, (4, 16))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -100
+    _, loss0 = model(idx, targets)
+    assert abs(loss0.item() - math.log(37)) < 0.3
+    _, same = model(idx, targets.T.contiguous().T)  # non-contiguous targets work too
+    assert torch.equal(same, loss0)
+    opt = model.configure_optimizers(0.0, 3e-3)
+    for _ in range(30):
+        _, loss = model(idx, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * loss0.item()
+
+
+def test_generation_greedy_is_deterministic_and_sampling_runs():
+    model = tiny_model()
+    prompt = torch.randint(0, 37, (3, 5))
+    a = model.generate(prompt, 8)
+    b = model.generate(prompt, 8)
+    assert a.shape == (3, 13) and torch.equal(a, b) and torch.equal(a[:, :5], prompt)
+    logits, _ = model(a[:, :-1])
+    assert torch.equal(logits[:, 4:].argmax(-1), a[:, 5:])  # each new token is the argmax
+    torch.manual_seed(0)
+    s = model.generate(prompt, 8, temperature=1.0, top_k=3)
+    assert s.shape == (3, 13) and s.max() < 37
+    assert torch.equal(model.generate(prompt, 8, temperature=1.0, top_k=1), a)  # top-1 sampling is greedy
+    assert torch.equal(model.generate(prompt, 8, temperature=1e-6), a)
+    long = model.generate(torch.randint(0, 37, (1, 30)), 8)  # crops the context to max_seq_len
+    assert long.shape == (1, 38)
+
+
+def test_sequence_too_long_is_an_error():
+    with pytest.raises(ValueError, match="33"):
+        tiny_model()(torch.zeros(1, 33, dtype=torch.long))
 
 
 # =============================================================================
