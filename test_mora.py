@@ -910,7 +910,8 @@ def test_default_learning_rates_and_variant():  # the sweep's figures (results/u
     lr = train_uuid.default_lr
     assert lr("fft", None) == 5e-3 and lr("lora", 8) == 7e-3 and lr("lora", 64) == 2e-3 and lr("lora", 32) == 7e-3
     assert lr("mora", 16, "rotation") == 1e-2 and lr("mora", 200, "sharing") == 2e-3
-    assert lr("mora", 8, "sharing_gs_ri") == lr("mora", 8, "sharing") and lr("mora", 256, "truncation") == 2e-3
+    assert lr("mora", 8, "sharing_gs_ri") == lr("mora", 8, "sharing") == 5e-3 and lr("mora", 256, "truncation") == 2e-3
+    assert lr("mora", 8, "truncation") == lr("mora", 8, "decoupling") == 1e-2
     assert train_uuid.default_variant(8) == "rotation" and train_uuid.default_variant(256) == "sharing"
 
 
@@ -1150,7 +1151,8 @@ def test_uuid_variants_run_sec_6_2_beside_the_papers_table_4(tmp_path, capsys): 
     printed = capsys.readouterr().out
     assert plot.exists() or "--plot needs matplotlib" in printed
     assert [r["variant"] for r in runs] == ["truncation", "sharing", "decoupling", "rotation"] == list(train_uuid.PAPER_TABLE4)
-    assert {(r["method"], r["rank"], r["lr"], r["seed"]) for r in runs} == {("mora", 2, 1e-2, 0)}  # one budget, data and seed
+    assert {(r["method"], r["rank"], r["seed"]) for r in runs} == {("mora", 2, 0)}  # one budget, data and seed
+    assert [r["lr"] for r in runs] == [1e-2, 5e-3, 1e-2, 1e-2]  # each at its own rate: the rank-8 sweep's best
     assert len({r["final_loss"] for r in runs}) == 4  # four different layers
     for variant, row in [("truncation", "| truncation | 59.5 | 66.6 |"), ("rotation", "| rotation | 64.2 | 67.9 |")]:
         assert f"| MoRA ({variant}) r=2 |" in printed and row in printed
