@@ -599,6 +599,8 @@ def plot_curves(runs, path, log):
             ax.plot([s for s, _ in points], [math.exp(v) for _, v in points], color=f"C{METHODS.index(method)}",
                     label=f"{method} ({', '.join(figures)})" if i == 0 else None)
     ax.set(xlabel="step", ylabel="validation perplexity", yscale="log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 4, 6, 10 rather than 4x10^0
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
