@@ -14,8 +14,11 @@ an adapter adds dW x to W0 x.
 
 import contextlib
 import functools
+import json
 import math
 import operator
+import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -40,7 +43,7 @@ class AdapterLinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.r = r
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the adapter's input only
-        self.merged = False
+        self.merged = self.disabled = False
 
     # PEFT's conventions: the layer reports its base layer's shape, weight and bias
     in_features = property(lambda self: self.base.in_features)
@@ -49,7 +52,7 @@ class AdapterLinear(nn.Module):
     bias = property(lambda self: self.base.bias)
 
     def forward(self, x):  # W0 x + dW x
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base(x)
         return self.base(x) + self.update(self.dropout(x))
 
@@ -86,6 +89,11 @@ class AdapterLinear(nn.Module):
     def set_extra_state(self, state):
         self.merged, self.settings = bool(state[1]), state[2:].tolist()
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # and a zero-size 'weight' that no nn.Linear
+        # loads: from_pretrained of an unmerged save then fails loudly, where it would fill the layer with noise
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = torch.empty(0)
+
     def _load_from_state_dict(self, state_dict, prefix, *args):
         """The saved settings (LoRA's alpha, MoRA's variant) win: they say what the saved weights mean. Refused,
         naming the layer: another kind of adapter, or a merged flag that does not describe the base weight."""
@@ -100,6 +108,8 @@ class AdapterLinear(nn.Module):
                 raise ValueError(f"{name}: the saved adapter is {says}: load it with its base.weight, or "
                                  f"{'merge' if saved[1] else 'unmerge'} this layer first")
         super()._load_from_state_dict(state_dict, prefix, *args)
+        if prefix + "weight" in args[3]:  # the marker of _save_to_state_dict
+            args[3].remove(prefix + "weight")
 
 
 # -----------------------------------------------------------------------------
@@ -107,12 +117,12 @@ class AdapterLinear(nn.Module):
 
 
 class LoRALinear(AdapterLinear):
-    """LoRA: A (r, k) Kaiming-uniform, B (d, r) zeros, so dW = 0 at the start. alpha defaults to r
-    (scaling 1). Trainable parameters: r (d + k)."""
+    """LoRA: A (r, k) Kaiming-uniform, B (d, r) zeros, so dW = 0 at the start. alpha defaults to r (scaling 1);
+    use_rslora scales by alpha / sqrt(r) instead (rsLoRA, as PEFT). Trainable parameters: r (d + k)."""
 
-    def __init__(self, base, r, alpha=None, dropout=0.0):
+    def __init__(self, base, r, alpha=None, dropout=0.0, use_rslora=False):
         super().__init__(base, r, dropout)
-        self.settings = [r if alpha is None else alpha]
+        self.settings = [r if alpha is None else alpha, use_rslora]
         w = base.weight
         self.A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
@@ -133,14 +143,14 @@ class LoRALinear(AdapterLinear):
 
     @property
     def settings(self):  # A and B mean nothing without their scaling
-        return [self.alpha]
+        return [self.alpha, float(self.use_rslora)]
 
     @settings.setter
     def settings(self, values):
-        (alpha,) = values
+        alpha, self.use_rslora = values[0], bool(values[1])
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
             raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
-        self.alpha, self.scaling = alpha, alpha / self.r
+        self.alpha, self.scaling = alpha, alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
@@ -320,6 +330,7 @@ class MoRALinear(AdapterLinear):
 # 2. Putting adapters into a model (names as in loralib / PEFT)
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # this file's Llama; Hugging Face's: q_proj ... down_proj
+CONV1D = "; GPT-2's Conv1D holds its weight transposed: convert it to nn.Linear first (README)"
 
 
 def matches(name, targets):
@@ -353,12 +364,13 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
         hits = {"all-linear"} if all_linear and isinstance(module, nn.Linear) and module is not head else \
             {t for t in targets if matches(name, (t,))}
         if hits and not isinstance(module, nn.Linear):
-            raise ValueError(f"target {min(hits)!r} matches {name!r}, a {type(module).__name__}, not an nn.Linear")
+            raise ValueError(f"target {min(hits)!r} matches {name!r}, a {type(module).__name__}, not an nn.Linear"
+                             + (type(module).__name__ == "Conv1D") * CONV1D)
         matched += [(name, module)] if hits else []
         found |= hits
-    missing = [t for t in targets if t not in found]
+    missing, conv1d = [t for t in targets if t not in found], any(type(m).__name__ == "Conv1D" for m in model.modules())
     if missing:
-        raise ValueError(f"target(s) {missing} match no nn.Linear in the model")
+        raise ValueError(f"target(s) {missing} match no nn.Linear in the model" + conv1d * CONV1D)
     for name, module in matched:  # built first on the meta device: a bad argument changes nothing
         layer_cls(nn.Linear(module.in_features, module.out_features, device="meta"), r, **layer_kwargs)
     names = [(n, id(p)) for n, p in model.named_parameters(remove_duplicate=False)]
@@ -374,6 +386,21 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
     for _, layer in adapter_layers(model):
         layer.requires_grad_(True).base.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Inside, every adapter layer computes W0 x alone (PEFT's disable_adapter()): the base model, for free."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("disable_adapters needs unmerged adapters (a merged one lives in its base weight)")
+    try:
+        for layer in layers:
+            layer.disabled = True
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def _replace(model, name, module):
@@ -401,15 +428,13 @@ def merge_and_unload(model):
 def _adapter_entries(model):
     prefixes = [f"{name}." if name else "" for name, _ in adapter_layers(model)]
     return {k: v for k, v in model.state_dict().items()
-            if any(k.startswith(p) and not k[len(p):].startswith("base.") for p in prefixes)}
+            if any(k.startswith(p) and k[len(p):].split(".")[0] not in ("base", "weight") for p in prefixes)}
 
 
 def adapter_state_dict(model):
     """Only the adapters' entries, all tensors: A and B or M, and each layer's _extra_state."""
-    merged = [name for name, layer in adapter_layers(model) if layer.merged]
-    if merged:
-        raise ValueError(f"adapter_state_dict needs unmerged adapters (a merged one lives in its base weight); "
-                         f"unmerge {merged[0]!r} first")
+    if any(layer.merged for _, layer in adapter_layers(model)):
+        raise ValueError("adapters are saved unmerged (a merged one lives in its base weight): unmerge them first")
     return _adapter_entries(model)
 
 
@@ -424,6 +449,81 @@ def load_adapter_state_dict(model, state_dict):
             raise ValueError(f"adapter tensor {k!r}: shape {tuple(state_dict[k].shape)}, the model's {tuple(v.shape)}")
     model.load_state_dict(state_dict, strict=False)
     return model
+
+
+# Adapters that travel: PEFT's folder, as stock PEFT writes LoRA and the official fork MoRA (M as lora_A and lora_B)
+NOT_HONOURED = ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "fan_in_fan_out",
+                "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices")
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def save_adapter(model, directory):
+    """Write the adapters to a folder PEFT reads: LoRA as stock PEFT's LoRA, MoRA as the official fork's (use_mora,
+    mora_type). Truncation and decoupling have no official number: they are saved under this project's own key
+    mora_variant, which the fork does not read. Needs one setting for all layers and the safetensors package."""
+    from safetensors.torch import save_file
+    layers, state = adapter_layers(model), adapter_state_dict(model)  # refuses merged adapters
+    kinds = {(type(layer), layer.r, tuple(layer.settings)) for _, layer in layers}
+    if len(kinds) != 1:
+        raise ValueError(f"save_adapter needs one kind, rank and setting for all adapters, got {len(kinds)}")
+    first, key = layers[0][1], "base_model.model.{}.lora_{}.weight"
+    config = {"peft_type": "LORA", "r": first.r, "lora_alpha": getattr(first, "alpha", first.r), "lora_dropout":
+              getattr(first.dropout, "p", 0.0), "target_modules": [n for n, _ in layers], "bias": "none",
+              "use_rslora": getattr(first, "use_rslora", False)}
+    if isinstance(first, MoRALinear):
+        number = {v: n for n, v in OFFICIAL_TYPES.items()}.get(first.variant)
+        config.update(use_mora=True, mora_type=number, **({} if number else {"mora_variant": first.variant}))
+        tensors = {key.format(n, ab): state[f"{n}.M"].detach().clone() for n, _ in layers for ab in "AB"}
+    else:
+        tensors = {key.format(n, ab): state[f"{n}.{ab}"].detach().contiguous() for n, _ in layers for ab in "AB"}
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, ADAPTER_FILE))
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model, directory):
+    """Put the adapters of a PEFT folder, stock LoRA (any alpha, rsLoRA) or official MoRA (types 1, 2, 3, 4, 6), on the
+    modules its keys name, load their weights and return the model: its outputs are those of the model saved. What
+    would load wrongly without a word is a ValueError, before any change: a key that names no module, a target that
+    gets no weights, a shape that differs, an unknown mora_type, a setting that changes what the weights mean."""
+    from safetensors.torch import load_file
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        config = json.load(f)
+    weights, modules, names = load_file(os.path.join(directory, ADAPTER_FILE)), dict(model.named_modules()), {}
+    bad = [k for k in NOT_HONOURED if config.get(k)] + ["bias"] * (config.get("bias", "none") != "none")
+    r, targets = config.get("r"), config.get("target_modules") or []
+    if config.get("peft_type", "LORA") != "LORA" or bad or not (type(r) is int and r > 0):
+        raise ValueError(f"{directory}: {bad[0] if bad else 'peft_type or r'} is not honoured here")
+    for k, tensor in weights.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", k)
+        if not match or not isinstance(modules.get(match[1]), nn.Linear):
+            raise ValueError(f"{directory}: the key {k} names no nn.Linear of the model")
+        names.setdefault(match[1], {})[match[2]] = tensor
+    idle = [n for n in modules if n not in names and (re.fullmatch(targets, n) if isinstance(targets, str) else
+                                                     matches(n, targets))]
+    if idle:
+        raise ValueError(f"{directory}: the target module {idle[0]} gets no weights")
+    variant = config.get("mora_variant", config.get("mora_type", 1))
+    mora = config.get("use_mora") or "mora_variant" in config
+    if mora and not (type(variant) is int and variant in OFFICIAL_TYPES or variant in VARIANTS):
+        raise ValueError(f"{directory}: unknown mora_type {variant!r}; the official ones are 1, 2, 3, 4 and 6")
+    for n, ab in names.items():
+        k, d = modules[n].in_features, modules[n].out_features
+        want = {"A": (mora_rank(k, d, r, variant),) * 2} if mora else {"A": (r, k), "B": (d, r)}
+        for x, t in ab.items():
+            if x in want and tuple(t.shape) != want[x] or x not in want and not torch.equal(t, ab["A"]):
+                raise ValueError(f"{directory}: {n}.lora_{x}, shape {tuple(t.shape)}, " + (f"where the layer wants "
+                                 f"{want[x]}" if x in want else "differs from lora_A (the fork saves M twice)"))
+    if mora:
+        apply_adapters(model, "mora", r=r, targets=list(names), variant=variant)
+        state = {f"{n}.M": ab["A"] for n, ab in names.items()}
+    else:
+        apply_adapters(model, "lora", r=r, targets=list(names), alpha=config.get("lora_alpha", 8),
+                       use_rslora=config.get("use_rslora", False))
+        state = {f"{n}.{ab}": t for n, pair in names.items() for ab, t in pair.items()}
+    extra = {f"{n}._extra_state": layer.get_extra_state() for n, layer in adapter_layers(model)}
+    return load_adapter_state_dict(model, {**state, **extra})
 
 
 def count_parameters(model, trainable_only=False):

@@ -624,6 +624,161 @@ def test_a_hugging_face_llama_adapts_merges_and_saves(tmp_path):
 
 
 # =============================================================================
+# Adapters that travel: PEFT's folders, stock LoRA and the official MoRA fork's, in and out
+
+HF_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def hf_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+IDX = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_stock_peft_lora_folders_load_and_ours_load_in_stock_peft(tmp_path, use_rslora):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("safetensors")
+    theirs = peft.get_peft_model(hf_llama(), peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"],
+                                                             use_rslora=use_rslora))
+    torch.manual_seed(1)
+    for name, p in theirs.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained adapter: B is zero at the start
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = theirs(IDX).logits
+    ours = mora.load_adapter(hf_llama(), tmp_path / "peft")
+    assert torch.allclose(ours(IDX).logits, expected, atol=1e-5) and not torch.allclose(hf_llama()(IDX).logits, expected)
+    assert ours.model.layers[0].self_attn.q_proj.scaling == 16 / (2 if use_rslora else 4)
+    mora.save_adapter(ours, tmp_path / "ours")  # and back: stock PEFT reads ours
+    again = peft.PeftModel.from_pretrained(hf_llama(), tmp_path / "ours")
+    assert torch.allclose(again(IDX).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mora_adapters_round_trip_through_a_folder(tmp_path, variant):
+    pytest.importorskip("safetensors")
+    model = randomise_adapters(apply_adapters(hf_llama(), "mora", r=2, targets=HF_TARGETS, variant=variant))
+    mora.save_adapter(model, tmp_path / "adapter")  # the folder is made
+    config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    official = {v: n for n, v in OFFICIAL_TYPES.items()}.get(variant)
+    assert (config["use_mora"], config["mora_type"], config["r"], config.get("mora_variant")) == (
+        True, official, 2, None if official else variant)
+    loaded = mora.load_adapter(hf_llama(), tmp_path / "adapter")
+    assert loaded.model.layers[1].mlp.up_proj.variant == variant
+    assert torch.equal(loaded(IDX).logits, model(IDX).logits)
+
+
+def write_official_folder(path, config, weights):
+    """A folder as the official MoRA fork writes it, by hand: no code of the fork runs here."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    json.dump({"peft_type": "LORA", "target_modules": ["lin"], **config}, open(path / "adapter_config.json", "w"))
+    save_file(weights, path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("mora_type,variant,M", [(1, "sharing", M3), (6, "rotation", [[1, 2], [3, 4]]),
+                                                 (None, "sharing", M3)])  # use_mora without a type: type 1
+def test_official_folders_load_by_the_spec(tmp_path, mora_type, variant, M):
+    pytest.importorskip("safetensors")
+    M = torch.tensor(M, dtype=torch.float32)
+    key = "base_model.model.lin.lora_{}.weight"
+    config = {"use_mora": True, "r": 1, "lora_alpha": 16, **({"mora_type": mora_type} if mora_type else {})}
+    write_official_folder(tmp_path, config, {key.format("A"): M, key.format("B"): M.clone()})
+    model = mora.load_adapter(nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4))), tmp_path)
+    layer = model.lin  # k = 6, d = 4, r = 1: r^ = 3, or 2 for rotation; MoRA ignores lora_alpha
+    assert layer.variant == variant and torch.allclose(layer.get_delta_weight(), torch.tensor(HAND[variant]).float())
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c, w: c.update(mora_type=5), "unknown mora_type 5"),
+    (lambda c, w: c.update(mora_type="1"), "unknown mora_type '1'"),  # a JSON integer
+    (lambda c, w: c.update(use_dora=True), "use_dora is not honoured"),
+    (lambda c, w: c.update(rank_pattern={"lin": 4}), "rank_pattern is not honoured"),
+    (lambda c, w: c.update(bias="all"), "bias is not honoured"),
+    (lambda c, w: c.update(modules_to_save=["head"]), "modules_to_save is not honoured"),
+    (lambda c, w: c.update(r=2), r"lin.lora_A, shape \(3, 3\), where the layer wants \(4, 4\)"),  # r is LoRA's r
+    (lambda c, w: w.update({"base_model.model.lin.lora_B.weight": torch.zeros(3, 3)}), "differs from lora_A"),
+    (lambda c, w: w.update({"model.lin.lora_A.weight": w.pop("base_model.model.lin.lora_A.weight")}),
+     "the key model.lin.lora_A.weight names no nn.Linear"),  # a wrong prefix loaded nothing, M stayed zero
+    (lambda c, w: c.update(target_modules=["lin", "other"]), "the target module other gets no weights"),
+])
+def test_what_would_load_wrongly_is_refused_before_any_change(tmp_path, change, message):
+    pytest.importorskip("safetensors")
+    config, M = {"use_mora": True, "mora_type": 1, "r": 1}, torch.randn(3, 3)
+    weights = {"base_model.model.lin.lora_A.weight": M, "base_model.model.lin.lora_B.weight": M.clone()}
+    change(config, weights)
+    write_official_folder(tmp_path, config, weights)
+    model = nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4), other=nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match=message):
+        mora.load_adapter(model, tmp_path)
+    assert not mora.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_save_adapter_refuses_merged_or_mixed_adapters(tmp_path):
+    model = apply_adapters(tiny_model(), "lora", r=2)
+    model.layers[0].attn.q.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        mora.save_adapter(model, tmp_path / "a")
+    mixed = apply_adapters(apply_adapters(tiny_model(), "lora", r=2, targets=("q",)), "mora", r=2, targets=("v",))
+    with pytest.raises(ValueError, match="one kind, rank and setting"):
+        mora.save_adapter(mixed, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_plain_from_pretrained_of_an_unmerged_save_fails_loudly(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    model = randomise_adapters(apply_adapters(hf_llama(), "mora", r=2, targets=HF_TARGETS))
+    model.save_pretrained(tmp_path)  # unmerged: it filled every projection with random weights, with a log line
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    again = apply_adapters(hf_llama(seed=1), "mora", r=2, targets=HF_TARGETS)  # the adapted model reads it
+    again.load_state_dict(__import__("safetensors.torch").torch.load_file(tmp_path / "model.safetensors"))
+    assert torch.equal(again(IDX).logits, model(IDX).logits)
+
+
+def test_sharing_equals_peft_miss_mini_where_r_hat_divides_k_and_d():
+    peft = pytest.importorskip("peft")
+    for k, d, r in [(32, 32, 1), (16, 48, 1), (64, 64, 2)]:  # r^ = 8, 8, 16: divides both
+        torch.manual_seed(0)
+        ours = apply_adapters(nn.Sequential(nn.Linear(k, d)), "mora", r=r, targets="0", variant="sharing")
+        randomise_adapters(ours, 1.0)
+        r_hat = ours[0].r_hat
+        miss = peft.get_peft_model(nn.Sequential(collections.OrderedDict(lin=nn.Linear(k, d))), peft.MissConfig(
+            r=r_hat, mini_r=r_hat, init_weights="mini", target_modules=["lin"]))
+        with torch.no_grad():
+            miss.base_model.model.lin.base_layer.load_state_dict(ours[0].base.state_dict())
+            miss.base_model.model.lin.miss_block["default"].copy_(ours[0].M.T)  # MiSS keeps M transposed
+        x = torch.randn(5, k)
+        assert torch.allclose(miss(x), ours(x), atol=1e-5) and not torch.allclose(ours(x), ours[0].base(x))
+
+
+def test_disable_adapters_computes_the_base_alone():
+    model = tiny_model()
+    idx = torch.randint(0, 37, (2, 12))
+    base = model(idx)[0]
+    randomise_adapters(apply_adapters(model, "mora", r=4))
+    adapted = model(idx)[0]
+    with mora.disable_adapters(model):
+        assert torch.equal(model(idx)[0], base)
+    assert torch.equal(model(idx)[0], adapted) and not torch.equal(adapted, base)
+
+
+def test_gpt2_conv1d_is_named_in_both_errors():
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    for targets in ("all-linear", ("c_attn",)):
+        with pytest.raises(ValueError, match="Conv1D holds its weight transposed"):
+            apply_adapters(gpt2, "lora", r=2, targets=targets)
+
+
+# =============================================================================
 # The model
 
 
