@@ -71,16 +71,19 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def _fold(self, merge):
-        """W0 +/- dW, added in float32 at least and rounded once. A non-finite result is refused
-        before W0 changes (PEFT's safe_merge): unmerge() could not undo it."""
         if merge == self.merged:
             return warnings.warn(f"adapter already {'merged' if merge else 'unmerged'}; nothing done", stacklevel=3)
+        self.base.weight.copy_(self.folded(merge))
+        self.merged = merge
+
+    @torch.no_grad()
+    def folded(self, merge=True):
+        """W0 +/- dW, added in float32 at least and rounded once; refused when not finite (PEFT's safe_merge)."""
         w = self.base.weight
         new = (w.to(torch.promote_types(w.dtype, torch.float32)) + (1 if merge else -1) * self.get_delta_weight())
-        if not new.is_meta and not torch.isfinite(new).all():
-            raise ValueError(f"{type(self).__name__}({self.extra_repr()}): the update is not finite; W0 left unchanged")
-        w.copy_(new.to(w.dtype))
-        self.merged = merge
+        if not new.is_meta and not torch.isfinite(new := new.to(w.dtype)).all():
+            raise ValueError(f"{type(self).__name__}({self.extra_repr()}): W0 +/- dW is not finite; W0 left unchanged")
+        return new
 
     def get_extra_state(self):  # one float64 tensor, which safetensors can store: [kind, merged, settings]
         kind = ADAPTER_KINDS.index(type(self).__name__)
@@ -95,18 +98,17 @@ class AdapterLinear(nn.Module):
         destination[prefix + "weight"] = torch.empty(0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        """The saved settings (LoRA's alpha, MoRA's variant) win: they say what the saved weights mean. Refused,
-        naming the layer: another kind of adapter, or a merged flag that does not describe the base weight."""
-        saved, name = state_dict.get(prefix + "_extra_state"), prefix[:-1] or type(self).__name__
+        """The saved settings (alpha, variant) win: they say what the weights mean. Refused before any change: another
+        kind of adapter, settings the layer cannot take, a merged adapter without the base.weight holding its update."""
+        saved, name, kind = state_dict.get(prefix + "_extra_state"), prefix[:-1] or "the layer", type(self).__name__
         if saved is not None:
-            ok = torch.is_tensor(saved) and saved.dim() == 1 and len(saved) > 2 and 0 <= saved[0] < len(ADAPTER_KINDS)
-            kind = ADAPTER_KINDS[int(saved[0])] if ok else "not an adapter's"
-            if kind != type(self).__name__:
-                raise ValueError(f"{name}: the saved state is a {kind}, the layer a {type(self).__name__}")
-            if prefix + "base.weight" not in state_dict and bool(saved[1]) != self.merged:
-                says = "merged into a base.weight it does not hold" if saved[1] else "unmerged; this layer is merged"
-                raise ValueError(f"{name}: the saved adapter is {says}: load it with its base.weight, or "
-                                 f"{'merge' if saved[1] else 'unmerge'} this layer first")
+            if not (torch.is_tensor(saved) and saved.shape == (2 + len(self.settings),) and saved[1] in (0, 1)
+                    and saved[0] == ADAPTER_KINDS.index(kind)):
+                raise ValueError(f"{name}: the saved state {saved.tolist() if torch.is_tensor(saved) else saved!r} "
+                                 f"is not a {kind}'s [kind {ADAPTER_KINDS.index(kind)}, merged, settings]")
+            self.valid(saved[2:].tolist())
+            if prefix + "base.weight" not in state_dict and (saved[1] or self.merged):
+                raise ValueError(f"{name}: a merged adapter loads only with its base.weight, into an unmerged layer")
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "weight" in args[3]:  # the marker of _save_to_state_dict
             args[3].remove(prefix + "weight")
@@ -147,10 +149,16 @@ class LoRALinear(AdapterLinear):
 
     @settings.setter
     def settings(self, values):
-        alpha, self.use_rslora = values[0], bool(values[1])
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        self.alpha, self.use_rslora = self.valid(values)
+        self.scaling = self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def valid(self, values):
+        alpha, rslora = values
+        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and 0 < alpha < math.inf):
             raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
-        self.alpha, self.scaling = alpha, alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        if rslora not in (0, 1):
+            raise ValueError(f"LoRA use_rslora must be a bool, got {rslora!r}")
+        return alpha, bool(rslora)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
@@ -216,7 +224,7 @@ def resolve_variant(variant):
     """A variant name, or an official mora_type number (1, 2, 3, 4, 6) as int or string."""
     with contextlib.suppress(TypeError, ValueError):
         number = int(variant) if isinstance(variant, str) else operator.index(variant)
-        if number in OFFICIAL_TYPES and not isinstance(variant, bool) and str(variant).isdigit():
+        if number in OFFICIAL_TYPES and not isinstance(variant, bool) and str(variant) in map(str, OFFICIAL_TYPES):
             return OFFICIAL_TYPES[number]
     if variant in VARIANTS:
         return variant
@@ -226,20 +234,16 @@ def resolve_variant(variant):
 
 def mora_rank(in_features, out_features, r, variant="rotation"):
     """r^ = round(sqrt((d + k) r)), so r^ * r^ ~= r (d + k), LoRA's parameter count at rank r. The paper writes a
-    floor, the official code rounds (as here). Rotation pairs dimensions: its r^ is rounded down to an even number."""
-    variant = resolve_variant(variant)
+    floor, the official code rounds (as here). Rotation pairs dimensions: its r^ is rounded down to an even number
+    (2 at least)."""
     r_hat = int(math.sqrt((in_features + out_features) * r) + 0.5)
-    r_hat = r_hat // 2 * 2 if variant == "rotation" else r_hat
-    if r_hat < 1:
-        raise ValueError(f"r={r} gives r^={r_hat} for a {in_features}->{out_features} layer with variant {variant!r}")
-    return r_hat
+    return max(2, r_hat // 2 * 2) if resolve_variant(variant) == "rotation" else r_hat
 
 
 @functools.lru_cache(maxsize=64)  # ~10 small operations otherwise, in every forward of every layer
 def rope_cos_sin(dim, n_positions, theta=10000.0, dtype=torch.float32, device=torch.device("cpu")):
-    """Rotary tables (n_positions, dim): position i turns the pair (j, j + dim/2) by i * theta^(-2j/dim).
-    Serves MoRA's rotation (Eq. 9), whose positions are block indices, and the model's attention. Not
-    buffers: a model loaded through the meta device or cast to another dtype gets the right tables."""
+    """Rotary tables (n_positions, dim): position i turns the pair (j, j + dim/2) by i * theta^(-2j/dim), for MoRA's
+    rotation (Eq. 9: positions are blocks) and attention. Not buffers: a meta-device load or a cast cannot spoil them"""
     with torch.inference_mode(False):  # a table first made under inference_mode must still serve training
         exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=exact, device=device)[: dim // 2] / dim)
@@ -320,7 +324,13 @@ class MoRALinear(AdapterLinear):
 
     @settings.setter
     def settings(self, values):
-        self.variant = list(VARIANTS)[int(values[0])]
+        self.variant = self.valid(values)
+
+    def valid(self, values):  # a variant whose r^ is this layer's
+        variant = list(VARIANTS)[int(values[0])] if len(values) == 1 and values[0] in range(len(VARIANTS)) else None
+        if variant is None or mora_rank(self.in_features, self.out_features, self.r, variant) != self.r_hat:
+            raise ValueError(f"MoRA variant index {values} does not fit this layer (r^ = {self.r_hat})")
+        return variant
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, r_hat={self.r_hat}, {self.variant}"
@@ -410,43 +420,39 @@ def _replace(model, name, module):
 
 def merge_and_unload(model):
     """Merge every adapter into its base layer and put the plain nn.Linear back; returns the model."""
-    layers, merged_now = adapter_layers(model), []
-    for name, layer in layers:  # all or nothing: a refused merge undoes the merges before it
-        if not layer.merged:
-            try:
-                layer.merge()
-            except ValueError as e:
-                for done in merged_now:
-                    done.unmerge()
-                raise ValueError(f"{name}: {e}") from None
-            merged_now.append(layer)
+    layers = adapter_layers(model)
+    unmerged = [(name, layer) for name, layer in layers if not layer.merged]
+    for name, layer in unmerged:  # all or nothing: every merge is checked before the first is made
+        try:
+            layer.folded()
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     for name, layer in layers:
+        if not layer.merged:
+            layer.merge()
         _replace(model, name, layer.base)
     return model
-
-
-def _adapter_entries(model):
-    prefixes = [f"{name}." if name else "" for name, _ in adapter_layers(model)]
-    return {k: v for k, v in model.state_dict().items()
-            if any(k.startswith(p) and k[len(p):].split(".")[0] not in ("base", "weight") for p in prefixes)}
 
 
 def adapter_state_dict(model):
     """Only the adapters' entries, all tensors: A and B or M, and each layer's _extra_state."""
     if any(layer.merged for _, layer in adapter_layers(model)):
-        raise ValueError("adapters are saved unmerged (a merged one lives in its base weight): unmerge them first")
-    return _adapter_entries(model)
+        raise ValueError("adapters are saved and loaded unmerged (a merged one lives in its base weight)")
+    prefixes = [f"{name}." if name else "" for name, _ in adapter_layers(model)]
+    return {k: v for k, v in model.state_dict().items()
+            if any(k.startswith(p) and k[len(p):].split(".")[0] not in ("base", "weight") for p in prefixes)}
 
 
 def load_adapter_state_dict(model, state_dict):
-    """Load what adapter_state_dict saved: a missing or unexpected key, or another shape, is a ValueError."""
-    expected = _adapter_entries(model)
+    """Load what adapter_state_dict saved: a missing or unexpected key, another shape, NaN or inf is a ValueError."""
+    expected = adapter_state_dict(model)
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"adapter state dict mismatch: missing {missing}, unexpected {unexpected}")
     for k, v in expected.items():
-        if v.shape != state_dict[k].shape:
-            raise ValueError(f"adapter tensor {k!r}: shape {tuple(state_dict[k].shape)}, the model's {tuple(v.shape)}")
+        if v.shape != state_dict[k].shape or not torch.isfinite(state_dict[k]).all():
+            raise ValueError(f"adapter tensor {k!r}: shape {tuple(state_dict[k].shape)}, the model's {tuple(v.shape)}; "
+                             f"or not finite")
     model.load_state_dict(state_dict, strict=False)
     return model
 
@@ -510,18 +516,17 @@ def load_adapter(model, directory):
         raise ValueError(f"{directory}: unknown mora_type {variant!r}; the official ones are 1, 2, 3, 4 and 6")
     for n, ab in names.items():
         k, d = modules[n].in_features, modules[n].out_features
-        want = {"A": (mora_rank(k, d, r, variant),) * 2} if mora else {"A": (r, k), "B": (d, r)}
+        want = dict.fromkeys("AB", (mora_rank(k, d, r, variant),) * 2) if mora else {"A": (r, k), "B": (d, r)}
         for x, t in ab.items():
-            if x in want and tuple(t.shape) != want[x] or x not in want and not torch.equal(t, ab["A"]):
-                raise ValueError(f"{directory}: {n}.lora_{x}, shape {tuple(t.shape)}, " + (f"where the layer wants "
-                                 f"{want[x]}" if x in want else "differs from lora_A (the fork saves M twice)"))
-    if mora:
-        apply_adapters(model, "mora", r=r, targets=list(names), variant=variant)
-        state = {f"{n}.M": ab["A"] for n, ab in names.items()}
-    else:
-        apply_adapters(model, "lora", r=r, targets=list(names), alpha=config.get("lora_alpha", 8),
-                       use_rslora=config.get("use_rslora", False))
-        state = {f"{n}.{ab}": t for n, pair in names.items() for ab, t in pair.items()}
+            if tuple(t.shape) != want[x]:
+                raise ValueError(f"{directory}: {n}.lora_{x}, shape {tuple(t.shape)}, where the layer wants {want[x]}")
+        if mora and len(ab) == 2 and not torch.equal(ab["A"], ab["B"]):
+            raise ValueError(f"{directory}: {n}.lora_B differs from lora_A (the fork saves M twice)")
+    settings = {"variant": variant} if mora else {"alpha": config.get("lora_alpha", 8),
+                                                  "use_rslora": config.get("use_rslora", False)}
+    apply_adapters(model, "mora" if mora else "lora", r=r, targets=list(names), dropout=config.get("lora_dropout", 0),
+                   **settings)
+    state = {f"{n}." + ("M" if mora else x): t for n, ab in names.items() for x, t in ab.items()}
     extra = {f"{n}._extra_state": layer.get_extra_state() for n, layer in adapter_layers(model)}
     return load_adapter_state_dict(model, {**state, **extra})
 
@@ -547,17 +552,13 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"dim {self.dim} does not split into n_heads {self.n_heads} heads of even size "
-                             f"(rotary embedding turns pairs of dimensions)")
+            raise ValueError(f"dim {self.dim} does not split into {self.n_heads} heads of even size (rotary pairs)")
 
 
-# The LLaMA family of ReLoRA and the MoRA paper (Sec. 5.3), named by their parameters with a 32k vocabulary;
-# "tiny" is for tests. LlamaConfig(**PRESETS["60m"], vocab_size=...)
+# ReLoRA's and the paper's LLaMA sizes (Sec. 5.3) at a 32k vocabulary; "tiny" for tests. LlamaConfig(**PRESETS["60m"])
 PRESETS = {
     "tiny": dict(dim=64, hidden_dim=176, n_heads=4, n_layers=2),
     "9m": dict(dim=128, hidden_dim=352, n_heads=4, n_layers=4),
-    "20m": dict(dim=256, hidden_dim=688, n_heads=4, n_layers=4),
-    "35m": dict(dim=384, hidden_dim=1024, n_heads=8, n_layers=6),
     "60m": dict(dim=512, hidden_dim=1376, n_heads=8, n_layers=8),
     "130m": dict(dim=768, hidden_dim=2048, n_heads=12, n_layers=12),
     "250m": dict(dim=768, hidden_dim=2560, n_heads=16, n_layers=24),
@@ -573,8 +574,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.weight
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class Attention(nn.Module):
