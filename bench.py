@@ -3,7 +3,7 @@ What MoRA costs next to LoRA and the plain frozen layer:
 
   python bench.py                          # CPU, float32
   python bench.py --device cuda            # GPU, bfloat16
-  python bench.py --json bench.json        # also write every figure to a file
+  python bench.py --json bench.json        # also add every figure to a JSON file
 
 One frozen nn.Linear at LLaMA-7B's shapes, adapted as in training: forward + backward with the input requiring
 its gradient (as inside a network). Rows: the frozen layer alone, LoRA and every MoRA variant; their time and what
@@ -11,23 +11,21 @@ autograd keeps for the backward pass. A time is the median of --repeats samples 
 other), so that machine noise hits all rows alike; a ratio is between figures of one run.
 """
 
-import argparse, json, math, platform, statistics, time
+import argparse, math, platform, statistics, time
 
+import common  # first: a Ctrl-C while torch loads is one line too
 import torch
 import torch.nn as nn
 
-import common
-from common import COUNT, PATH, POSITIVE_INT, SEED
-from mora import VARIANTS, LoRALinear, MoRALinear, count_parameters, mora_rank
+from common import COUNT, PATH, POSITIVE_INT, SEED, THREADS
+from mora import VARIANTS, LoRALinear, MoRALinear, count_parameters
 
 DEFAULT_LAYERS = ["4096:4096:8", "4096:4096:256", "4096:11008:8", "4096:11008:256"]  # attention, MLP; r = 8 and 256
 MIN_SAMPLE_S = 0.02  # a sample repeats a call until it lasts about this long (small shapes run in microseconds)
 
 def layer_spec(text):
-    """in_features:out_features:rank, positive integers with an r^ of at least 1 for every variant."""
-    k, d, r = (int(v) for v in text.split(":"))
-    if min(k, d, r) < 1 or mora_rank(k, d, r, "rotation") < 1:  # mora_rank raises for r^ = 0
-        raise ValueError
+    """in_features:out_features:rank, three positive integers."""
+    k, d, r = (POSITIVE_INT(v) for v in text.split(":"))
     return k, d, r
 
 def parse_args(argv=None):
@@ -35,19 +33,20 @@ def parse_args(argv=None):
     p.add_argument("--device", type=common.device, default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the layer, its adapter and the input "
                    "(default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--threads", type=POSITIVE_INT, help="CPU threads for torch (default: torch's own choice)")
-    p.add_argument("--layers", nargs="+", type=common.flag(layer_spec, what="in:out:rank, positive, r^ >= 1"),
+    p.add_argument("--threads", type=THREADS, help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--layers", nargs="+", type=common.flag(layer_spec, what="in:out:rank, positive integers"),
                    default=[layer_spec(s) for s in DEFAULT_LAYERS], metavar="IN:OUT:R",
                    help=f"layers as in_features:out_features:rank (default: {' '.join(DEFAULT_LAYERS)})")
     p.add_argument("--tokens", type=POSITIVE_INT, default=2048, help="tokens T in one forward pass")
     p.add_argument("--repeats", type=POSITIVE_INT, default=10, help="timed samples of each row, median reported")
     p.add_argument("--warmup", type=COUNT, default=2, help="untimed calls of each row first")
     p.add_argument("--seed", type=SEED, default=0, help="seed of weights and inputs")
-    p.add_argument("--json", type=PATH, metavar="PATH", help="also write the figures to this JSON file")
+    p.add_argument("--json", type=PATH, metavar="PATH", help="add each layer's figures to this JSON as it is timed "
+                   "(replacing one with the same settings)")
     args = p.parse_args(argv)
     if args.device.type not in ("cpu", "cuda"):
         p.error(f"--device: only cpu and cuda are timed here, got {args.device}")
-    common.check_outputs(p, files=[("--json", args.json)])
+    common.check_outputs(p, files=[("--json", args.json)], runs=args.json)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
 
@@ -120,7 +119,8 @@ def main(argv=None):
                 torch_threads=torch.get_num_threads(), torch=torch.__version__, **gpu)
     print(", ".join(f"{k} {v}" for k, v in info.items()) + f"; median of {args.repeats} samples, rows interleaved")
     layers = []
-    with common.on_interrupt(lambda: f"{len(layers)} of {len(args.layers)} layers timed; nothing written"):
+    kept = lambda: f"{len(layers)} of {len(args.layers)} layers timed" + f", and in {args.json}" * bool(args.json)
+    with common.on_interrupt(kept):
         for shape in args.layers:
             layers.append(res := bench_layer(*shape, args))
             print(f"\nlayer {res['in_features']} -> {res['out_features']}, r = {res['r']}, T = {res['tokens']}: "
@@ -129,10 +129,12 @@ def main(argv=None):
                 [row["name"], f"{row['ms']:.2f}", f"{row['vs_lora']:.3f}", f"{row['vs_frozen']:.3f}",
                  f"{row['saved_mb']:.1f}", str(row["r_hat"] or "-"), f"{row['trainable_params']:,}"]
                 for row in res["rows"]]))
+            if args.json:  # a layer's figures depend on its shape, the machine and these flags
+                settings = {**info, **{k: res[k] for k in ("in_features", "out_features", "r", "tokens")},
+                            **{k: getattr(args, k) for k in ("repeats", "warmup", "seed")}}
+                common.save_runs(args.json, [{"settings": settings, "rows": res["rows"]}])
     if args.json:
-        with common.atomic_file(args.json, "w") as f:
-            json.dump(dict(machine=info, config={**vars(args), "device": str(args.device)}, layers=layers), f, indent=1)
-        print(f"\nwrote {args.json}")
+        print(f"\nadded {len(layers)} layers to {args.json}")
 
 if __name__ == "__main__":
     common.main_guard(main)

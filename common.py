@@ -4,7 +4,19 @@ optimizer, Sec. 6.1's count, outputs written safely, one-line errors and interru
 It imports mora, torch and the standard library only (matplotlib for a plot).
 """
 
-import argparse, contextlib, importlib.util, json, math, os, signal, sys
+import argparse, contextlib, importlib.util, json, math, os, signal, sys, warnings
+
+def _stop(signum, frame):  # SIGTERM ends a run as Ctrl-C does
+    raise KeyboardInterrupt
+
+def _excepthook(kind, error, traceback):  # Ctrl-C before main_guard runs (importing torch takes seconds)
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, error, traceback)
+    print("interrupted: before anything was kept", file=sys.stderr, flush=True)
+    os._exit(130)
+
+signal.signal(signal.SIGTERM, _stop)
+sys.excepthook = _excepthook  # set before the heavy imports below; a script imports this module first
 
 import torch
 import torch.nn as nn
@@ -41,11 +53,12 @@ def flag(convert, ok=bool, what=None):
         return value
     return parse
 
-POSITIVE_INT = flag(int, lambda v: v > 0, "a positive integer")
-COUNT = flag(int, lambda v: v >= 0, "an integer of at least 0")
+POSITIVE_INT = flag(int, lambda v: 0 < v < 2 ** 31, "a positive integer below 2**31")  # torch's sizes and counts
+COUNT = flag(int, lambda v: 0 <= v < 2 ** 31, "an integer from 0 to 2**31 - 1")
 NON_NEGATIVE = flag(float, lambda v: 0 <= v < math.inf, "a finite number of at least 0")
 POSITIVE = flag(float, lambda v: 0 < v < math.inf, "a positive finite number")
 RATE = flag(float, lambda v: 0 < v <= 1, "a learning rate above 0 and at most 1")
+THREADS = flag(int, lambda v: 0 < v <= 1024, "a thread count from 1 to 1024")
 SEED = flag(int, lambda v: 0 <= v < 2 ** 63, "an integer from 0 to 2**63 - 1")
 FRACTION = flag(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 PATH = flag(str, lambda v: v != "", "a path")
@@ -56,7 +69,7 @@ def device(name):
     name = next(kind for kind, ok in have.items() if ok) if name == "auto" else name
     with contextlib.suppress(RuntimeError):
         dev = torch.device(name)
-        if have.get(dev.type) and not (dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count()):
+        if have.get(dev.type) and (dev.index or 0) < (torch.cuda.device_count() if dev.type == "cuda" else 1):
             return dev
     raise argparse.ArgumentTypeError(f"{name!r} is not a device of this machine "
                                      f"({', '.join(kind for kind, ok in have.items() if ok)})")
@@ -78,11 +91,11 @@ def add_run_flags(p, seed, log_every):
                    "the same settings)")
     p.add_argument("--plot", type=PATH, metavar="PATH", help="plot the curves, mean and (min-max) (needs matplotlib)")
 
-def check_run_flags(p, args, folders=()):
+def check_run_flags(p, args, folders=(), planned=()):
     """The rules of those flags, and of every output, before any work."""
     if args.seed + args.seeds > 2 ** 63:
         p.error(f"--seed {args.seed} with --seeds {args.seeds} goes past 2**63 - 1")
-    check_outputs(p, [("--json", args.json), ("--plot", args.plot)], folders, runs=args.json)
+    check_outputs(p, [("--json", args.json), ("--plot", args.plot)], folders, planned, runs=args.json)
     if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg", ".jpg"):
         p.error(f"--plot {args.plot}: name a .png, .pdf, .svg or .jpg file")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -153,18 +166,22 @@ def update_ranks(before, after, threshold=0.1):
     return {p: {"shape": r["shape"], "above_threshold": sum(r["n"]) / len(r["n"])} for p, r in ranks.items()}
 
 # Outputs --------------------------------------------------------------------------------------------------------------
-def check_outputs(parser, files=(), folders=(), runs=None):
-    """Every output path, before any work: files and folders are [(flag, path or None)]. A path is not empty,
-    not the same as another's; a file is not a folder and its folder is writable; a folder is not a file
-    and can be made. The runs JSON, if it exists, must hold runs: it is added to (save_runs)."""
+def check_outputs(parser, files=(), folders=(), planned=(), runs=None):
+    """Every output path, before any work: files, folders and planned (files a run will write in a folder it makes)
+    are [(flag, path or None)]. No path is the same as another's; a file is not a folder and its folder is writable;
+    a folder is not a file and can be made. The runs JSON, if it exists, must hold runs: it is added to (save_runs)."""
     seen = {}
-    for (name, path), is_folder in [(f, False) for f in files] + [(f, True) for f in folders]:
+    for (name, path), kind in [(f, "file") for f in files] + [(f, "folder") for f in folders] + \
+                              [(f, "planned") for f in planned]:
         if path is None:
             continue
         real = os.path.realpath(path)
         if real in seen:
             parser.error(f"{name} {path}: the same path as {seen[real]}")
         seen[real] = name
+        if kind == "planned":
+            continue
+        is_folder = kind == "folder"
         if is_folder and os.path.exists(path) and not os.path.isdir(path) or not is_folder and os.path.isdir(path):
             parser.error(f"{name} {path}: " + ("is a file, not a folder" if is_folder else "is a folder"))
         parent = real if is_folder else os.path.dirname(real)
@@ -177,11 +194,23 @@ def check_outputs(parser, files=(), folders=(), runs=None):
     except Fail as e:
         parser.error(str(e))
 
+def read_checkpoint(path, hint):
+    """A checkpoint read as data (weights_only: a file cannot run code); any fault is one line, with the hint."""
+    if not os.path.isfile(path):  # a folder, or a pipe that would wait forever
+        raise Fail(f"{path} is not a file; {hint}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, cut, foreign, or pickled code
+        raise Fail(f"{path} is not a readable checkpoint ({why(e)}); {hint}") from None
+
 @contextlib.contextmanager
 def atomic_file(path, mode="wb", replace=True):
     """A file to write, renamed to path once whole: a reader sees the old file or the new one, never a part.
     Its temporary name is unique to the process and the call; its permissions are the umask's. With
-    replace=False an existing path is never replaced (FileExistsError)."""
+    replace=False an existing path is never replaced (FileExistsError). A symbolic link's target is written."""
+    path = os.path.realpath(path)
     temporary = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     with open(os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), mode) as f:
         try:
@@ -230,15 +259,16 @@ def save_runs(path, runs):
 def main_guard(main):
     """Run a script's main: bad input, a full disk or too large a model is one line 'error: ...'; Ctrl-C or
     SIGTERM one line saying what was kept and how to resume. Under torchrun only rank 0 speaks."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
     quiet = os.environ.get("RANK", "0") != "0"
     try:
         main()
-    except (Fail, OSError, MemoryError, torch.OutOfMemoryError) as e:
-        sys.exit(1 if quiet else f"error: {str(e) or type(e).__name__}")
+    except (Fail, OSError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "memory" not in str(e):  # torch's "can't allocate memory", out of memory
+            raise
+        sys.exit(1 if quiet else f"error: {(str(e).splitlines() or [type(e).__name__])[0]}")
     except (Stopped, KeyboardInterrupt) as e:
+        for s in (signal.SIGINT, signal.SIGTERM):  # said once: a second signal during the exit stays silent
+            signal.signal(s, signal.SIG_IGN)
         if not quiet:
             print(f"interrupted: {e if isinstance(e, Stopped) else 'before anything was kept'}", file=sys.stderr)
         sys.exit(130)

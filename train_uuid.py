@@ -21,10 +21,10 @@ import time
 import uuid
 from contextlib import nullcontext
 
+import common  # first: a Ctrl-C while torch loads is one line too
 import torch
 
-import common
-from common import COUNT, NON_NEGATIVE, PATH, POSITIVE, POSITIVE_INT, RATE, Fail
+from common import COUNT, NON_NEGATIVE, PATH, POSITIVE, POSITIVE_INT, RATE, THREADS, Fail
 from mora import Llama, LlamaConfig, apply_adapters, count_parameters, merge_and_unload, resolve_variant
 
 # Character-level tokens: a UUID is 32 hex digits and 4 dashes, so 16 + 1 characters, plus the
@@ -117,22 +117,26 @@ def load_pretrained(path):
     """A model saved by train_tiny_llama.py --out, its adapters (if any) merged, with its vocabulary (the text of
     each token, from the checkpoint: no tokenizer needed) and its held-out text. Each UUID character must be a token
     of it. The file is read as data (weights_only): a checkpoint cannot run code."""
+    ckpt = common.read_checkpoint(path, "--init-from takes a checkpoint of train_tiny_llama.py --out")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         run, vocab, held_out = ckpt["run"], ckpt["token_bytes"], ckpt["held_out"]
         model = Llama(LlamaConfig(**run["model"]))
         if run["method"] != "full":  # the run's own adapters, so that its state dict loads as saved
             kind = "lora" if run["method"] in ("lora", "relora") else "mora"
             apply_adapters(model, kind, r=run["rank"], **({"variant": run["variant"]} if kind == "mora" else {}))
         model.load_state_dict(ckpt["model"])
+        model, windows = merge_and_unload(model).requires_grad_(True), held_out["windows"]  # FFT trains it all
+        if not (windows.dim() == 2 and 1 < windows.shape[1] <= model.cfg.max_seq_len + 1 and windows.min() >= 0 and
+                windows.max() < model.cfg.vocab_size and float(held_out["tokens_per_byte"]) > 0):
+            raise ValueError("held-out windows that do not fit the model")
+        name = f"{path} ({run['method']}, step {int(ckpt['step'])})"
     except Exception as e:
         raise Fail(f"--init-from {path} is not a checkpoint of train_tiny_llama.py --out ({common.why(e)})") from None
     if model.cfg.max_seq_len < SEQ_LEN or any(c not in vocab for c in CHARS):
         raise Fail(f"--init-from {path} has max_seq_len {model.cfg.max_seq_len}; a pair needs {SEQ_LEN} (--seq-len)"
                    if model.cfg.max_seq_len < SEQ_LEN else f"--init-from {path}: its vocabulary ({run['encoding']}) "
                    f"has no single token for {[c for c in CHARS if c not in vocab]}")
-    model = merge_and_unload(model).requires_grad_(True)  # as a fresh model: FFT trains it all
-    return dict(model=model, vocab=vocab, held_out=held_out, name=f"{path} ({run['method']}, step {ckpt['step']})")
+    return dict(model=model, vocab=vocab, held_out=held_out, name=name)
 
 
 # -----------------------------------------------------------------------------
@@ -207,9 +211,8 @@ def label(settings):
 
 
 def report(runs, args):
-    pretrained = bool(args.init_from)
     """The accuracy table (mean and (min-max) over seeds) and the Sec. 6.1 singular-value counts."""
-    groups = {}
+    pretrained, groups = bool(args.init_from), {}
     for r in runs:  # one row per method, rank, variant and lr: its seeds
         groups.setdefault(tuple(r["settings"][k] for k in ("method", "rank", "variant", "lr")), []).append(r)
     name = lambda g: label(g[0]["settings"]) + "".join(f" (seed {r['settings']['seed']} diverged)"
@@ -261,7 +264,8 @@ def parse_args(argv=None):
         lambda s: sorted({int(v) for v in s.split(",")}), lambda v: min(v) > 0, "comma-separated steps"),
         help="steps at which to measure accuracy, the paper's and 100")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="pairs per step" + setting("batch_size"))
-    p.add_argument("--lr", type=common.flag(lambda s: [RATE(v) for v in s.split(",")]), help="peak learning rate, or "
+    p.add_argument("--lr", type=common.flag(lambda s: [RATE(v) for v in s.split(",")], lambda v: len(set(v)) == len(v),
+                   "distinct rates"), help="peak learning rate, or "
                    "comma-separated rates to sweep (default: tuned per method, rank and variant, DEFAULT_LR)")
     p.add_argument("--warmup", type=COUNT, default=50, help="linear warm-up steps, then linear decay to zero")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay")
@@ -272,7 +276,7 @@ def parse_args(argv=None):
     p.add_argument("--init-from", type=PATH, metavar="CKPT", help="start from a model saved by train_tiny_llama.py "
                    "--out (any method; its shape replaces --dim etc.) instead of a random one")
     common.add_run_flags(p, seed=0, log_every=50)
-    p.add_argument("--threads", type=POSITIVE_INT, help="CPU threads (default: torch's); the figures depend on it")
+    p.add_argument("--threads", type=THREADS, help="CPU threads (default: torch's); the figures depend on it")
     p.add_argument("--resume", action="store_true", help="take the runs --json holds instead of running them again")
     p.add_argument("--out", type=PATH, metavar="DIR", help="save each run's model, a file per method, rank, variant, "
                    "lr and seed; never over an existing file")
@@ -282,7 +286,8 @@ def parse_args(argv=None):
         torch.set_num_threads(args.threads)
     for name, value in SETTINGS[args.setting].items():  # explicit flags override the setting
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    common.check_run_flags(p, args, folders=[("--out", args.out)])
+    common.check_run_flags(p, args, folders=[("--out", args.out)],
+                           planned=[("--out", out_path(args, s)) for s in jobs(args)] if args.out else [])
     if args.eval_at[-1] > args.steps:
         p.error(f"--eval-at steps must lie in 1..{args.steps} (--steps), got {args.eval_at}")
     if args.resume and not args.json:
@@ -338,6 +343,8 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     done = {common.key(r): r for r in common.read_runs(args.json)["runs"]} if args.resume else {}
+    if args.resume and not done.keys() & {common.key({"settings": s}) for s in todo}:
+        common.note(f"--resume: {args.json} holds none of these runs; every run starts afresh")
     runs, t0 = [], time.time()
     kept = lambda: (f"{len(runs)} of {len(todo)} runs finished" + (f" and are in {args.json}; add --resume to "
                     "the same command to run the others" if args.json else "; none was kept (no --json)"))
