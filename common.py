@@ -75,9 +75,11 @@ def device(name):
                                      f"({', '.join(kind for kind, ok in have.items() if ok)})")
 
 class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows '(default: X)' after each help, but where the default is computed (None) or a switch is off."""
+    """Shows '(default: X)' after each help, but where the default is computed (None), a switch is off or the help
+    names its default itself."""
     def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+        own = action.default is None or action.default is False or "(default" in (action.help or "")
+        return action.help if own else super()._get_help_string(action)
 
 def add_run_flags(p, seed, log_every):
     """The flags of every training script."""

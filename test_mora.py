@@ -1663,6 +1663,7 @@ def test_help_says_every_flag_and_the_fixed_defaults(capsys, monkeypatch):
             module.parse_args([])
         text = parsers[-1].format_help()
         assert "(default: None)" not in text and "(default: False)" not in text
+        assert all(line.count("(default") < 2 for line in " ".join(text.split()).split(" --"))  # said once
     assert all(action.help for parser in parsers for action in parser._actions)  # every flag says what it does
 
 
