@@ -119,7 +119,8 @@ def main(argv=None):
                 torch_threads=torch.get_num_threads(), torch=torch.__version__, **gpu)
     print(", ".join(f"{k} {v}" for k, v in info.items()) + f"; median of {args.repeats} samples, rows interleaved")
     layers = []
-    kept = lambda: f"{len(layers)} of {len(args.layers)} layers timed" + f", and in {args.json}" * bool(args.json)
+    kept = lambda: f"{len(layers)} of {len(args.layers)} layers timed" + f", and in {args.json}" * bool(
+        args.json and layers)
     with common.on_interrupt(kept):
         for shape in args.layers:
             layers.append(res := bench_layer(*shape, args))

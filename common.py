@@ -84,8 +84,8 @@ class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
 def add_run_flags(p, seed, log_every):
     """The flags of every training script."""
     p.add_argument("--seed", type=SEED, default=seed, help="the first seed: initial weights, data and batch order")
-    p.add_argument("--seeds", type=POSITIVE_INT, default=1, help="run each over the seeds --seed, --seed + 1, ...: the "
-                   "tables show the mean (min-max)")
+    p.add_argument("--seeds", type=flag(int, lambda v: 0 < v <= 1000, "a count from 1 to 1000"), default=1,
+                   help="run each over the seeds --seed, --seed + 1, ...: the tables show the mean (min-max)")
     p.add_argument("--device", type=device, default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto: bfloat16 on CUDA")
     p.add_argument("--log-every", type=POSITIVE_INT, default=log_every, help="steps between progress lines")
@@ -229,16 +229,19 @@ def atomic_file(path, mode="wb", replace=True):
             os.unlink(temporary)
 
 def read_runs(path):
-    """The runs JSON at path, {"runs": [...], and what else the file holds}; none yet if there is no file."""
+    """The runs JSON at path, {"runs": [...], "script": the script that wrote them}; none yet if there is no file.
+    One script's runs only: another script's file is refused, not mixed into."""
+    script = os.path.basename(sys.argv[0])
     if not os.path.exists(path):
-        return {"runs": []}
+        return {"runs": [], "script": script}
     try:
         with open(path) as f:
             doc = json.load(f)
         assert isinstance(doc, dict) and isinstance(doc["runs"], list) and all(isinstance(r, dict) for r in doc["runs"])
+        assert doc.setdefault("script", script) == script
         return doc
     except (OSError, ValueError, KeyError, AssertionError):
-        raise Fail(f"--json {path} exists and does not hold runs; choose another path") from None
+        raise Fail(f"--json {path} exists and does not hold runs of {script}; choose another path") from None
 
 def key(run):  # what makes two runs the same run
     return json.dumps(run.get("settings", id(run)), sort_keys=True)
@@ -265,8 +268,8 @@ def main_guard(main):
     try:
         main()
     except (Fail, OSError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "memory" not in str(e):  # torch's "can't allocate memory", out of memory
-            raise
+        if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("memory", "overflow")):  # too large for
+            raise  # torch: "can't allocate memory", "out of memory", "Storage size calculation overflowed"
         sys.exit(1 if quiet else f"error: {(str(e).splitlines() or [type(e).__name__])[0]}")
     except (Stopped, KeyboardInterrupt) as e:
         for s in (signal.SIGINT, signal.SIGTERM):  # said once: a second signal during the exit stays silent

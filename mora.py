@@ -12,14 +12,7 @@ Notation (the paper's): a frozen nn.Linear W0 of shape (d, k), d = out_features,
 an adapter adds dW x to W0 x.
 """
 
-import contextlib
-import functools
-import json
-import math
-import operator
-import os
-import re
-import warnings
+import contextlib, functools, json, math, os, re, warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +35,8 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"rank r must be a positive integer, got {r!r}")
         self.base = base.requires_grad_(False)
         self.r = r
+        if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise ValueError(f"dropout must be a number from 0 to below 1, got {dropout!r}")
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the adapter's input only
         self.merged = self.disabled = False
 
@@ -97,18 +92,22 @@ class AdapterLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = torch.empty(0)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        """The saved settings (alpha, variant) win: they say what the weights mean. Refused before any change: another
-        kind of adapter, settings the layer cannot take, a merged adapter without the base.weight holding its update."""
-        saved, name, kind = state_dict.get(prefix + "_extra_state"), prefix[:-1] or "the layer", type(self).__name__
-        if saved is not None:
-            if not (torch.is_tensor(saved) and saved.shape == (2 + len(self.settings),) and saved[1] in (0, 1)
-                    and saved[0] == ADAPTER_KINDS.index(kind)):
-                raise ValueError(f"{name}: the saved state {saved.tolist() if torch.is_tensor(saved) else saved!r} "
-                                 f"is not a {kind}'s [kind {ADAPTER_KINDS.index(kind)}, merged, settings]")
-            self.valid(saved[2:].tolist())
-            if prefix + "base.weight" not in state_dict and (saved[1] or self.merged):
-                raise ValueError(f"{name}: a merged adapter loads only with its base.weight, into an unmerged layer")
+    def check_state(self, state_dict, prefix):
+        """Refused: another kind of adapter, settings the layer cannot take, a merged adapter without the base.weight
+        holding its update. Checked before any change, of this layer or, through apply_adapters, of the model."""
+        saved, kind = state_dict.get(prefix + "_extra_state"), type(self).__name__
+        if saved is None:
+            return
+        if not (torch.is_tensor(saved) and saved.shape == (2 + len(self.settings),) and saved[1] in (0, 1)
+                and saved[0] == ADAPTER_KINDS.index(kind)):
+            raise ValueError(f"the saved state {saved.tolist() if torch.is_tensor(saved) else saved!r} "
+                             f"is not a {kind}'s [kind {ADAPTER_KINDS.index(kind)}, merged, settings]")
+        self.valid(saved[2:].tolist())
+        if prefix + "base.weight" not in state_dict and (saved[1] or self.merged):
+            raise ValueError("a merged adapter loads only with its base.weight, into an unmerged layer")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # the saved settings (alpha, variant) win: they say
+        self.check_state(state_dict, prefix)                      # what the weights mean
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "weight" in args[3]:  # the marker of _save_to_state_dict
             args[3].remove(prefix + "weight")
@@ -222,20 +221,17 @@ ADAPTER_KINDS = ("LoRALinear", "MoRALinear")  # the first number of a saved adap
 
 def resolve_variant(variant):
     """A variant name, or an official mora_type number (1, 2, 3, 4, 6) as int or string."""
-    with contextlib.suppress(TypeError, ValueError):
-        number = int(variant) if isinstance(variant, str) else operator.index(variant)
-        if number in OFFICIAL_TYPES and not isinstance(variant, bool) and str(variant) in map(str, OFFICIAL_TYPES):
-            return OFFICIAL_TYPES[number]
-    if variant in VARIANTS:
+    if str(variant) in map(str, OFFICIAL_TYPES):
+        return OFFICIAL_TYPES[int(variant)]
+    if isinstance(variant, str) and variant in VARIANTS:
         return variant
     raise ValueError(f"unknown MoRA variant {variant!r}; choose one of {', '.join(VARIANTS)} "
                      f"or an official number {', '.join(map(str, OFFICIAL_TYPES))}")
 
 
 def mora_rank(in_features, out_features, r, variant="rotation"):
-    """r^ = round(sqrt((d + k) r)), so r^ * r^ ~= r (d + k), LoRA's parameter count at rank r. The paper writes a
-    floor, the official code rounds (as here). Rotation pairs dimensions: its r^ is rounded down to an even number
-    (2 at least)."""
+    """r^ = round(sqrt((d + k) r)), so r^ * r^ ~= r (d + k), LoRA's parameter count at rank r (the paper writes a
+    floor, the official code rounds). Rotation pairs dimensions: its r^ is rounded down to an even number, 2 or more."""
     r_hat = int(math.sqrt((in_features + out_features) * r) + 0.5)
     return max(2, r_hat // 2 * 2) if resolve_variant(variant) == "rotation" else r_hat
 
@@ -261,21 +257,11 @@ def apply_rotary(x, cos, sin):
 class MoRALinear(AdapterLinear):
     """MoRA: a frozen nn.Linear plus dW x = f_decomp(M f_comp(x)), M (r^ x r^) zero-initialised, no alpha / r
     scaling. r is LoRA's rank for the same budget, r^ = mora_rank(k, d, r, variant). Exact for every shape
-    (k or d not divisible by r^, r^ >= k, r^ > 2k). `variant` is a name or the official mora_type number:
-
-    variant (paper, Sec. 4)  type  f_comp          f_decomp            rank(dW) at most
-    truncation               -     x[:r^]          [y; 0]              r^
-    sharing (Eq. 6)          1     chunk sum (CS)  tile (T)            r^
-    decoupling               -     blocks of r^    concatenate blocks  min(d, k)
-    rotation (Eq. 9)         6     blocks of r^    concatenate blocks  min(d, k)
-    sharing_gs_ri            2     group sum (GS)  interleave (RI)     r^
-    sharing_gs_t             3     group sum (GS)  tile (T)            r^
-    sharing_cs_ri            4     chunk sum (CS)  interleave (RI)     r^
-
-    Decoupling and rotation update block-diagonally, dW = diag(M R_1, ..., M R_n): block x_i goes
-    through its own M R_i, R_i = I for decoupling, for rotation the turn of x_i by the angles i theta_j
-    (RoPE across blocks). The last three are the groupings ReMoRA cycles through (1, 2, 3, 4, 1, ...).
-    Rotation suits small r (its rank is not capped by r^), sharing large r (as cheap as LoRA).
+    (k or d not divisible by r^, r^ >= k, r^ > 2k). `variant` names one of VARIANTS, or is its official number.
+    Truncation and the sharing family (Eq. 6 and ReMoRA's groupings) update at rank r^ at most. Decoupling and
+    rotation update block-diagonally, dW = diag(M R_1, ..., M R_n): block x_i goes through its own M R_i, R_i = I
+    for decoupling, for rotation (Eq. 9) the turn of x_i by the angles i theta_j (RoPE across blocks); their rank
+    reaches min(d, k). Rotation suits small r (M alone is small), sharing large r (as cheap as LoRA).
     """
 
     def __init__(self, base, r, variant="rotation", dropout=0.0):
@@ -392,10 +378,19 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
                           f"its adapter leaves {others[0]} unchanged", stacklevel=2)
             layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
         _replace(model, name, layer)
+    model.register_load_state_dict_pre_hook(check_states)
     model.requires_grad_(False)  # only the adapters train
     for _, layer in adapter_layers(model):
         layer.requires_grad_(True).base.requires_grad_(False)
     return model
+
+
+def check_states(model, state_dict, prefix, *args):  # apply_adapters' hook: a load is checked whole, then made
+    for name, layer in adapter_layers(model):
+        try:
+            layer.check_state(state_dict, f"{prefix}{name}.")
+        except ValueError as e:
+            raise ValueError(f"{prefix}{name}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -496,11 +491,14 @@ def load_adapter(model, directory):
     from safetensors.torch import load_file
     with open(os.path.join(directory, "adapter_config.json")) as f:
         config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{directory}: adapter_config.json holds no JSON object")
     weights, modules, names = load_file(os.path.join(directory, ADAPTER_FILE)), dict(model.named_modules()), {}
     bad = [k for k in NOT_HONOURED if config.get(k)] + ["bias"] * (config.get("bias", "none") != "none")
-    r, targets = config.get("r"), config.get("target_modules") or []
-    if config.get("peft_type", "LORA") != "LORA" or bad or not (type(r) is int and r > 0):
-        raise ValueError(f"{directory}: {bad[0] if bad else 'peft_type or r'} is not honoured here")
+    r, alpha, targets = config.get("r"), config.get("lora_alpha", 8), config.get("target_modules") or []
+    if config.get("peft_type", "LORA") != "LORA" or bad or not (type(r) is int and r > 0) or alpha is None:
+        what = bad[0] if bad else f"peft_type {config.get('peft_type')!r}, r {r!r} or lora_alpha {alpha!r}"
+        raise ValueError(f"{directory}: {what} is not honoured here (LORA, an integer r > 0, a number)")
     for k, tensor in weights.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", k)
         if not match or not isinstance(modules.get(match[1]), nn.Linear):
@@ -518,12 +516,12 @@ def load_adapter(model, directory):
         k, d = modules[n].in_features, modules[n].out_features
         want = dict.fromkeys("AB", (mora_rank(k, d, r, variant),) * 2) if mora else {"A": (r, k), "B": (d, r)}
         for x, t in ab.items():
-            if tuple(t.shape) != want[x]:
-                raise ValueError(f"{directory}: {n}.lora_{x}, shape {tuple(t.shape)}, where the layer wants {want[x]}")
+            if tuple(t.shape) != want[x] or not torch.isfinite(t).all():
+                raise ValueError(f"{directory}: {n}.lora_{x}, shape {tuple(t.shape)}, where the layer wants {want[x]}"
+                                 f" and finite numbers")
         if mora and len(ab) == 2 and not torch.equal(ab["A"], ab["B"]):
             raise ValueError(f"{directory}: {n}.lora_B differs from lora_A (the fork saves M twice)")
-    settings = {"variant": variant} if mora else {"alpha": config.get("lora_alpha", 8),
-                                                  "use_rslora": config.get("use_rslora", False)}
+    settings = {"variant": variant} if mora else {"alpha": alpha, "use_rslora": config.get("use_rslora", False)}
     apply_adapters(model, "mora" if mora else "lora", r=r, targets=list(names), dropout=config.get("lora_dropout", 0),
                    **settings)
     state = {f"{n}." + ("M" if mora else x): t for n, ab in names.items() for x, t in ab.items()}

@@ -13,6 +13,7 @@ import pickle
 import signal
 import stat
 import subprocess
+from unittest import mock
 import sys
 import time
 import uuid as uuid_lib
@@ -285,6 +286,13 @@ def test_bad_rank(r):
     expected = x @ (smallest.base.weight + smallest.get_delta_weight()).T + smallest.base.bias
     assert smallest.r_hat == 2 and torch.allclose(smallest(x), expected)
     assert not torch.allclose(smallest(x), smallest.base(x))
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, math.nan, "0.1", True])
+def test_bad_dropout(p):  # 1.0 zeroed the adapter's input for good; NaN failed in the first forward
+    for layer in (LoRALinear, MoRALinear):
+        with pytest.raises(ValueError, match="dropout must be a number from 0 to below 1"):
+            layer(nn.Linear(8, 8), 2, dropout=p)
 
 
 @pytest.mark.parametrize("make", [lambda base: LoRALinear(base, 4, dropout=0.5),
@@ -575,6 +583,18 @@ def test_a_state_of_the_other_kind_is_refused_even_without_strict(saved, loaded)
     assert getattr(model.layers[0].attn.q, "alpha", 4) == 4
 
 
+def test_a_model_load_is_checked_whole_before_any_layer_changes():
+    model = apply_adapters(tiny_model(), "lora", r=4)
+    state = randomise_adapters(apply_adapters(tiny_model(seed=1), "lora", r=4)).state_dict()
+    state["layers.1.mlp.down._extra_state"] = torch.tensor([0, 0, 0.0, 0], dtype=torch.float64)  # the last layer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for load in (model.load_state_dict, lambda sd: load_adapter_state_dict(model, mora.adapter_state_dict(model) | {
+            k: v for k, v in sd.items() if k in mora.adapter_state_dict(model)})):
+        with pytest.raises(ValueError, match="layers.1.mlp.down: LoRA alpha must be a positive number, got 0.0"):
+            load(state)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the earlier layers too
+
+
 @pytest.mark.parametrize("make,state", [
     (lambda: make_mora(24, 40, 2, "rotation"), [1, 0, 99]),  # no such variant
     (lambda: make_mora(24, 40, 2, "rotation"), [1, 0, 3.5]),
@@ -720,7 +740,8 @@ def write_official_folder(path, config, weights):
     """A folder as the official MoRA fork writes it, by hand: no code of the fork runs here."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    json.dump({"peft_type": "LORA", "target_modules": ["lin"], **config}, open(path / "adapter_config.json", "w"))
+    config = {"peft_type": "LORA", "target_modules": ["lin"], **config} if isinstance(config, dict) else config
+    json.dump(config, open(path / "adapter_config.json", "w"))
     save_file(weights, path / "adapter_model.safetensors")
 
 
@@ -757,12 +778,18 @@ def test_an_official_folder_with_m_as_lora_b_alone_loads(tmp_path):
     (lambda c, w: w.update({"model.lin.lora_A.weight": w.pop("base_model.model.lin.lora_A.weight")}),
      "the key model.lin.lora_A.weight names no nn.Linear"),  # a wrong prefix loaded nothing, M stayed zero
     (lambda c, w: c.update(target_modules=["lin", "other"]), "the target module other gets no weights"),
+    (lambda c, w: w.update({f"base_model.model.lin.lora_{x}.weight": torch.full((3, 3), math.nan) for x in "AB"}),
+     r"lin.lora_A, shape \(3, 3\), where the layer wants \(3, 3\) and finite numbers"),  # it left the adapters on
+    (lambda c, w: c.update(lora_alpha=None), "lora_alpha None is not honoured"),  # it became alpha = r
+    (lambda c, w: c.update(r=1.0), "r 1.0 or"),
+    (lambda c, w: c.update(lora_dropout="0.1"), "dropout must be a number"),
+    (lambda c, w: [c], "adapter_config.json holds no JSON object"),
 ])
 def test_what_would_load_wrongly_is_refused_before_any_change(tmp_path, change, message):
     pytest.importorskip("safetensors")
     config, M = {"use_mora": True, "mora_type": 1, "r": 1}, torch.randn(3, 3)
     weights = {"base_model.model.lin.lora_A.weight": M, "base_model.model.lin.lora_B.weight": M.clone()}
-    change(config, weights)
+    config = change(config, weights) or config
     write_official_folder(tmp_path, config, weights)
     model = nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4), other=nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=message):
@@ -974,10 +1001,15 @@ def test_runs_json_keeps_every_finished_run(tmp_path):
     doc = json.load(open(path))
     assert doc["config"] == {"kept": True} and [r.get("value") for r in doc["runs"]] == [None, 2, 3]
     # two processes writing one JSON at once: neither loses the other's runs
-    code = f"import sys; sys.path.insert(0, {HERE!r}); import test_mora as t; t.write_runs({path!r}, sys.argv[1], 15)"
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import test_mora as t; sys.argv[0] = {sys.argv[0]!r}; "
+            f"t.write_runs({path!r}, sys.argv[1], 15)")
     procs = [subprocess.Popen([sys.executable, "-c", code, tag]) for tag in "xy"]
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     assert len(json.load(open(path))["runs"]) == 3 + 30 and sorted(os.listdir(tmp_path)) == ["runs.json"]
+    with pytest.raises(common.Fail, match=r"runs.json exists and does not hold runs of bench.py"):  # not mixed in
+        with mock.patch.object(sys, "argv", ["bench.py"]):
+            common.save_runs(path, [{"settings": {"a": 1}, "value": 4}])
+    assert len(json.load(open(path))["runs"]) == 33
 
 
 def run_script(*argv, timeout=120):
@@ -999,6 +1031,8 @@ def test_memory_faults_are_one_line_and_other_runtime_errors_are_bugs(capsys):
                            "tried to allocate 40000000000 bytes.\nmore detail")
     with pytest.raises(SystemExit, match="^error: .*can't allocate memory: you tried to allocate 40000000000 bytes.$"):
         common.main_guard(allocate)
+    with pytest.raises(SystemExit, match="^error: Storage size calculation overflowed with sizes=.*$"):  # too large
+        common.main_guard(lambda: torch.empty(2 ** 40, 2 ** 40))
     with pytest.raises(RuntimeError, match="a bug"):
         common.main_guard(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
 
@@ -1019,8 +1053,7 @@ def test_sigterm_ends_with_one_line_and_keeps_the_finished_runs(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "interrupted: 0 of 2 runs finished and are in " + str(out) + \
-        "; add --resume to the same command to run the others"
+    assert err.strip().splitlines()[-1] == "interrupted: 0 of 2 runs finished" and not out.exists()  # nothing kept
 
 
 # =============================================================================
@@ -1098,6 +1131,7 @@ def test_uuid_a_seed_alone_gives_what_it_gives_among_others(tmp_path):
     (["--threads", "-1"], "--threads: expected a thread count from 1 to 1024, got '-1'"),
     (["--seed", str(2 ** 63)], "--seed: expected an integer from 0 to 2**63 - 1"),
     (["--seed", str(2 ** 63 - 2), "--seeds", "3"], "goes past 2**63 - 1"),
+    (["--seeds", str(2 ** 31 - 1)], "--seeds: expected a count from 1 to 1000"),  # a list of 2**31 runs: MemoryError
     (["--lora-alpha", "0"], "--lora-alpha: expected a positive finite number, got '0'"),
     (["--weight-decay", "-0.1"], "--weight-decay: expected a finite number of at least 0, got '-0.1'"),
 ])
@@ -1159,13 +1193,21 @@ def test_uuid_an_interrupted_job_keeps_its_runs_and_resumes(tmp_path, monkeypatc
         return train_one(*args, **kwargs)
 
     monkeypatch.setattr(train_uuid, "train_one", killed_in_the_second_run)
-    with pytest.raises(common.Stopped, match=f"1 of 5 runs finished and are in {out}; add --resume"):
-        train_uuid.main(TINY_UUID_RUN + ["--method", "all", "--json", str(out)])
+    job = TINY_UUID_RUN + ["--method", "all", "--json", str(out), "--out", str(tmp_path / "models")]
+    with pytest.raises(common.Stopped, match=f"1 of 5 runs finished and are in {out} and {tmp_path / 'models'}; "
+                                             f"add --resume"):
+        train_uuid.main(job)
     first = json.loads(out.read_text())["runs"]
-    assert [r["settings"]["method"] for r in first] == ["fft"] and os.listdir(tmp_path) == ["runs.json"]
+    assert [r["settings"]["method"] for r in first] == ["fft"] and os.listdir(tmp_path / "models") == \
+        ["fft_lr0.005_seed0.pt"]
     monkeypatch.setattr(train_uuid, "train_one", train_one)
-    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "all", "--json", str(out), "--resume"])
+    runs = train_uuid.main(job + ["--resume"])  # the first run's model file is no obstacle: the run is taken
     assert runs[0] == first[0] and len(json.loads(out.read_text())["runs"]) == 5
+    doc = json.loads(out.read_text())
+    doc["runs"][0]["accuracy"]["2"] = "abc"  # a damaged run is refused, not put in the table
+    out.write_text(json.dumps(doc))
+    with pytest.raises(common.Fail, match=r"--resume: the run FFT, seed 0 in .* is damaged \(TypeError"):
+        train_uuid.main(job + ["--resume"])
 
 
 def test_uuid_resume_with_nothing_to_take_says_so(tmp_path, capsys):
@@ -1384,7 +1426,8 @@ def test_resume_equals_uninterrupted(corpus, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
     monkeypatch.setattr(ttl, "save_checkpoint", save_then_die)
     with pytest.raises(common.Stopped, match="0 of 1 runs finished; checkpoints every 6 steps in .*add --resume"):
-        ttl.main(run + ["--out", str(tmp_path / "b")])
+        ttl.main(run + ["--out", str(tmp_path / "b"), "--json", str(tmp_path / "b.json")])  # no run in the JSON yet
+    assert not (tmp_path / "b.json").exists()
     monkeypatch.setattr(ttl, "save_checkpoint", real_save)
     resumed = ttl.main(run + ["--out", str(tmp_path / "b"), "--resume"])[0]
     assert resumed["curve"] == whole["curve"]
@@ -1421,7 +1464,7 @@ def test_a_checkpoint_is_data_and_a_damaged_one_is_one_line(corpus, tmp_path, mo
     lambda s: s.update(batch_rng=[]), lambda s: s.update(curve="x"), lambda s: s.update(seconds="x"),
     lambda s: s["model"].update(bogus=torch.zeros(1)), lambda s: s["model"].pop("layers.0.attn.q.A"),
     lambda s: s["model"].update({"layers.0.attn.q._extra_state": torch.tensor([0, 1, 4, 0], dtype=torch.float64)}),
-    lambda s: s.update(run=[1]),
+    lambda s: s.update(run=[1]), lambda s: s.update(curve=[[0, math.nan]]), lambda s: s.update(seconds=-5.0),
 ])
 def test_a_checkpoint_that_cannot_be_resumed_is_one_line(corpus, tmp_path, damage):
     run = tiny_run_args(corpus, "--method", "lora", "--steps", "1", "--out", str(tmp_path))
@@ -1609,7 +1652,8 @@ def test_the_checkpoint_carries_what_init_from_reads(corpus, tmp_path):
     with pytest.raises(common.Fail, match="max_seq_len 32; a pair needs 74"):
         train_uuid.load_pretrained(str(tmp_path / "s" / "full.pt"))
     for damage in (lambda c: c["held_out"].update(windows=c["held_out"]["windows"] + 10 ** 6),
-                   lambda c: c["model"]["layers.0.attn.q.M"].fill_(math.inf), lambda c: c.pop("step")):
+                   lambda c: c["model"]["layers.0.attn.q.M"].fill_(math.inf), lambda c: c.pop("step"),
+                   lambda c: c["model"]["embed.weight"].fill_(math.nan)):  # it was trained on, and blamed the lr
         ckpt = torch.load(tmp_path / "mora.pt", weights_only=True)
         damage(ckpt)
         torch.save(ckpt, tmp_path / "bad.pt")
@@ -1692,6 +1736,9 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch):
     assert rows["frozen layer"]["saved_mb"] == 0  # a frozen layer keeps nothing for the backward pass
     assert rows["lora"]["saved_mb"] > 0 and rows["lora"]["trainable_params"] == 2 * (12 + 20)
     assert rows["mora sharing"]["trainable_params"] == 8 ** 2 and rows["mora sharing"]["r_hat"] == 8
+    monkeypatch.setattr(bench, "bench_layer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(common.Stopped, match="^0 of 1 layers timed$"):  # it named a file that was never written
+        bench.main(["--layers", "8:8:1", "--json", str(tmp_path / "new.json")])
 
 
 @pytest.mark.parametrize("flag,value", [

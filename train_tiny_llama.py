@@ -351,8 +351,10 @@ def resume(path, settings, raw, optimizer, batches, rank):
         batches.set_state(state["batch_rng"][rank])
         step, seconds = int(state["step"]), float(state["seconds"])
         curve = [[int(s), float(v)] for s, v in state["curve"]]
-        if not (0 <= step <= settings["steps"] and curve) or any(layer.merged for _, layer in adapter_layers(raw)):
-            raise ValueError(f"step {step}, {len(curve)} evaluations, or merged adapters")
+        if not (0 <= step <= settings["steps"] and curve and all(map(math.isfinite, [seconds, *dict(curve).values()]))
+                and seconds >= 0) or any(layer.merged for _, layer in adapter_layers(raw)):
+            raise ValueError(f"step {step}, {len(curve)} evaluations, {seconds:g} s, a loss not finite, or merged "
+                             f"adapters")
     except Exception as e:
         raise Fail(f"{path} cannot be resumed ({common.why(e)}); {hint}") from None
     return step, curve, seconds
@@ -520,7 +522,8 @@ def main(argv=None):
         if args.out and env["rank"] == 0:
             os.makedirs(args.out, exist_ok=True)
         runs = []
-        kept = lambda: (f"{len(runs)} of {len(args.runs)} runs finished" + f" and are in {args.json}" * bool(args.json)
+        kept = lambda: (f"{len(runs)} of {len(args.runs)} runs finished" + f" and are in {args.json}" * bool(
+                        args.json and runs)
                         + (f"; checkpoints every {args.save_every} steps in {args.out}: add --resume to the same "
                            f"command to go on" if args.out else "; the run under way is lost (no --out)"))
         with common.on_interrupt(kept):

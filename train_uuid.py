@@ -12,13 +12,7 @@ parameters, MoRA memorises much faster than LoRA, close to full fine-tuning (FFT
     python train_uuid.py --method all --setting paper-ratio   # ranks 8 and 256 truly low-rank (width 1024)
 """
 
-import argparse
-import copy
-import math
-import os
-import random
-import time
-import uuid
+import argparse, copy, math, os, random, time, uuid
 from contextlib import nullcontext
 
 import common  # first: a Ctrl-C while torch loads is one line too
@@ -126,6 +120,8 @@ def load_pretrained(path):
             apply_adapters(model, kind, r=run["rank"], **({"variant": run["variant"]} if kind == "mora" else {}))
         model.load_state_dict(ckpt["model"])
         model, windows = merge_and_unload(model).requires_grad_(True), held_out["windows"]  # FFT trains it all
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise ValueError("weights that are not finite")
         if not (windows.dim() == 2 and 1 < windows.shape[1] <= model.cfg.max_seq_len + 1 and windows.min() >= 0 and
                 windows.max() < model.cfg.vocab_size and float(held_out["tokens_per_byte"]) > 0):
             raise ValueError("held-out windows that do not fit the model")
@@ -318,6 +314,20 @@ def jobs(args):
             for seed in range(args.seed, args.seed + args.seeds)]
 
 
+def taken_run(run, args):
+    """A run that --resume takes from --json goes into the table as it is: it must hold what a run holds."""
+    try:
+        acc, ranks = run["accuracy"], run["update_rank"]
+        assert isinstance(run["trainable_params"], int) and (run["diverged"] or (
+            all(math.isfinite(acc[str(s)]) for s in args.eval_at) and all(int(s) > 0 for s in acc)
+            and all(math.isfinite(c["above_threshold"]) for c in ranks.values())
+            and (not args.init_from or math.isfinite(run["base_bpb_after"] - run["base_bpb_before"]))))
+    except (AssertionError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise Fail(f"--resume: the run {label(run['settings'])}, seed {run['settings']['seed']} in {args.json} is "
+                   f"damaged ({common.why(e)}); delete it from the file, or run without --resume") from None
+    return run
+
+
 def out_path(args, s):
     name = [s["method"]] + ([f"r{s['rank']}"] if s["rank"] else []) + ([s["variant"]] if s["variant"] else [])
     return os.path.join(args.out, "_".join(name + [f"lr{s['lr']:g}", f"seed{s['seed']}"]) + ".pt")
@@ -330,7 +340,11 @@ def main(argv=None):
         cfg = pretrained["model"].cfg
         args.dim, args.hidden_dim, args.n_heads, args.n_layers = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_layers
     todo = jobs(args)
-    taken = [path for path in (out_path(args, s) for s in todo) if os.path.exists(path)] if args.out else []
+    done = {common.key(r): r for r in common.read_runs(args.json)["runs"]} if args.resume else {}
+    if args.resume and not done.keys() & {common.key({"settings": s}) for s in todo}:
+        common.note(f"--resume: {args.json} holds none of these runs; every run starts afresh")
+    taken = [path for path in (out_path(args, s) for s in todo if common.key({"settings": s}) not in done)
+             if os.path.exists(path)] if args.out else []
     if taken:
         raise Fail(f"--out: {taken[0]} exists; choose another folder")
     wide = sorted({s["rank"] for s in todo if s["rank"] and 4 * s["rank"] > args.dim})  # the paper's are 1/16 or less
@@ -342,16 +356,15 @@ def main(argv=None):
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    done = {common.key(r): r for r in common.read_runs(args.json)["runs"]} if args.resume else {}
-    if args.resume and not done.keys() & {common.key({"settings": s}) for s in todo}:
-        common.note(f"--resume: {args.json} holds none of these runs; every run starts afresh")
     runs, t0 = [], time.time()
-    kept = lambda: (f"{len(runs)} of {len(todo)} runs finished" + (f" and are in {args.json}; add --resume to "
-                    "the same command to run the others" if args.json else "; none was kept (no --json)"))
+    kept = lambda: (f"{len(runs)} of {len(todo)} runs finished" + (
+        f" and are in {' and '.join(filter(None, [args.json, args.out]))}" if runs and (args.json or args.out) else
+        "; none was kept (no --json)" if runs else "") + "; add --resume to the same command to run the rest" * bool(
+        args.json and runs))
     with common.on_interrupt(kept):
         for i, settings in enumerate(todo):
             if common.key({"settings": settings}) in done:
-                runs.append(done[common.key({"settings": settings})])
+                runs.append(taken_run(done[common.key({"settings": settings})], args))
                 print(f"\n== [{i + 1}/{len(todo)}] {label(settings)}, seed {settings['seed']}: taken from {args.json}")
                 continue
             runs.append(train_one(settings, args, pretrained, f"[{i + 1}/{len(todo)}] "))
