@@ -462,7 +462,6 @@ def save_adapter(model, directory):
     """Write the adapters to a folder PEFT reads: LoRA as stock PEFT's LoRA, MoRA as the official fork's (use_mora,
     mora_type). Truncation and decoupling have no official number: they are saved under this project's own key
     mora_variant, which the fork does not read. Needs one setting for all layers and the safetensors package."""
-    from safetensors.torch import save_file
     layers, state = adapter_layers(model), adapter_state_dict(model)  # refuses merged adapters
     kinds = {(type(layer), layer.r, tuple(layer.settings)) for _, layer in layers}
     if len(kinds) != 1:
@@ -477,6 +476,7 @@ def save_adapter(model, directory):
         tensors = {key.format(n, ab): state[f"{n}.M"].detach().clone() for n, _ in layers for ab in "AB"}
     else:
         tensors = {key.format(n, ab): state[f"{n}.{ab}"].detach().contiguous() for n, _ in layers for ab in "AB"}
+    from safetensors.torch import save_file  # only now: what is refused above needs no safetensors
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, ADAPTER_FILE))
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
