@@ -519,6 +519,8 @@ def load_adapter(model, directory):
             if tuple(t.shape) != want[x] or not torch.isfinite(t).all():
                 raise ValueError(f"{directory}: {n}.lora_{x}, shape {tuple(t.shape)}, where the layer wants {want[x]}"
                                  f" and finite numbers")
+        if not mora and len(ab) == 1:
+            raise ValueError(f"{directory}: {n}.lora_{'B' if 'A' in ab else 'A'} is missing (LoRA needs both)")
         if mora and len(ab) == 2 and not torch.equal(ab["A"], ab["B"]):
             raise ValueError(f"{directory}: {n}.lora_B differs from lora_A (the fork saves M twice)")
     settings = {"variant": variant} if mora else {"alpha": alpha, "use_rslora": config.get("use_rslora", False)}

@@ -797,6 +797,15 @@ def test_what_would_load_wrongly_is_refused_before_any_change(tmp_path, change, 
     assert not mora.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
+def test_a_lora_folder_without_lora_b_is_refused_before_any_change(tmp_path):
+    pytest.importorskip("safetensors")
+    write_official_folder(tmp_path, {"r": 2}, {"base_model.model.lin.lora_A.weight": torch.randn(2, 6)})
+    model = nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4)))
+    with pytest.raises(ValueError, match="lin.lora_B is missing"):  # it was refused after the adapter was put on
+        mora.load_adapter(model, tmp_path)
+    assert not mora.adapter_layers(model)
+
+
 def test_save_adapter_refuses_merged_or_mixed_adapters(tmp_path):
     model = apply_adapters(tiny_model(), "lora", r=2)
     model.layers[0].attn.q.merge()
