@@ -340,11 +340,12 @@ def main(argv=None):
         cfg = pretrained["model"].cfg
         args.dim, args.hidden_dim, args.n_heads, args.n_layers = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_layers
     todo = jobs(args)
-    done = {common.key(r): r for r in common.read_runs(args.json)["runs"]} if args.resume else {}
-    if args.resume and not done.keys() & {common.key({"settings": s}) for s in todo}:
+    saved = {common.key(r): r for r in common.read_runs(args.json)["runs"]} if args.resume else {}
+    done = {i: saved[k] for i, k in enumerate(common.key({"settings": s}) for s in todo) if k in saved}
+    if args.resume and not done:
         common.note(f"--resume: {args.json} holds none of these runs; every run starts afresh")
-    taken = [path for path in (out_path(args, s) for s in todo if common.key({"settings": s}) not in done)
-             if os.path.exists(path)] if args.out else []
+    taken = [path for i, s in enumerate(todo) if i not in done and os.path.exists(path := out_path(args, s))
+             ] if args.out else []
     if taken:
         raise Fail(f"--out: {taken[0]} exists; choose another folder")
     wide = sorted({s["rank"] for s in todo if s["rank"] and 4 * s["rank"] > args.dim})  # the paper's are 1/16 or less
@@ -357,14 +358,14 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     runs, t0 = [], time.time()
-    kept = lambda: (f"{len(runs)} of {len(todo)} runs finished" + (
-        f" and are in {' and '.join(filter(None, [args.json, args.out]))}" if runs and (args.json or args.out) else
-        "; none was kept (no --json)" if runs else "") + "; add --resume to the same command to run the rest" * bool(
-        args.json and runs))
+    where = " and ".join(filter(None, [args.json, args.out]))
+    resume = "; add --resume to the same command to run the rest" * bool(args.json)
+    kept = lambda: f"{len(runs)} of {len(todo)} runs finished" + (
+        "" if not runs else f" and are in {where}{resume}" if where else "; none was kept (no --json)")
     with common.on_interrupt(kept):
         for i, settings in enumerate(todo):
-            if common.key({"settings": settings}) in done:
-                runs.append(taken_run(done[common.key({"settings": settings})], args))
+            if i in done:
+                runs.append(taken_run(done[i], args))
                 print(f"\n== [{i + 1}/{len(todo)}] {label(settings)}, seed {settings['seed']}: taken from {args.json}")
                 continue
             runs.append(train_one(settings, args, pretrained, f"[{i + 1}/{len(todo)}] "))
