@@ -176,8 +176,10 @@ def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n
 def cyclic_pad(v, n):
     """v_(t mod len(v)) for t < n: the inputs padded with the first inputs again (x~, not zeros),
     and T (Eq. 6), out_i = y_(i mod r^), which also tiles the blocks of decoupling and rotation."""
-    copies = -(-n // v.shape[-1])
-    return (v.repeat(*(1,) * (v.dim() - 1), copies) if copies > 1 else v)[..., :n]
+    if n <= v.shape[-1]:
+        return v[..., :n]  # a view
+    whole, rest = divmod(n, v.shape[-1])
+    return torch.cat([v] * whole + [v[..., :rest]], -1)
 
 
 def split_blocks(x, r_hat, n):  # decoupling and rotation: x~ cut into n blocks of r^
@@ -188,20 +190,20 @@ def chunk_sum(x, r_hat, n=1):  # CS (Eq. 6, sharing): the ceil(k / r^) blocks of
     return split_blocks(x, r_hat, -(-x.shape[-1] // r_hat)).sum(-2, keepdim=True)
 
 
-@functools.lru_cache(maxsize=64)
-def group_of(n, n_groups, device):
-    """g(t) for the n items cut into n_groups contiguous groups, the first (n mod n_groups) one larger."""
-    size, n_big = divmod(n, n_groups)
-    t = torch.arange(n, device=device)
-    return torch.where(t < n_big * (size + 1), t // (size + 1), (t - n_big) // max(size, 1))
+def contiguous_groups(v, n_groups):
+    """v's last dimension cut into n_groups contiguous groups, the first (len mod n_groups) one larger: two views."""
+    size, n_big = divmod(v.shape[-1], n_groups)
+    split = n_big * (size + 1)
+    return v[..., :split].unflatten(-1, (n_big, size + 1)), v[..., split:].unflatten(-1, (n_groups - n_big, size))
 
 
 def group_sum(x, r_hat, n=1):  # GS: c_j = the sum of group j of the k inputs (no padding)
-    return x.new_zeros(*x.shape[:-1], r_hat).index_add(-1, group_of(x.shape[-1], r_hat, x.device), x).unsqueeze(-2)
+    return torch.cat([group.sum(-1) for group in contiguous_groups(x, r_hat)], -1).unsqueeze(-2)
 
 
 def interleave(y, d):  # RI: out_i = y_g(i), each of r^ contiguous groups of the d outputs a copy of one value
-    return y[..., group_of(d, y.shape[-1], y.device)]
+    size, n_big = divmod(d, y.shape[-1])
+    return torch.cat([y[..., :n_big].repeat_interleave(size + 1, -1), y[..., n_big:].repeat_interleave(size, -1)], -1)
 
 
 # variant: (f_comp, f_decomp). The order is part of the saved format (_extra_state holds an index).
@@ -254,6 +256,32 @@ def apply_rotary(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+def block_product(z, blocks):  # y_i = B_i z_i for each block i: (..., n, r^) and (n, r^, r^)
+    return torch.einsum("...ni,noi->...no", z, blocks)
+
+
+class BlockProduct(torch.autograd.Function):
+    """block_product(z, blocks(M)) with a backward of its own, the one speed-up of this file: plain autograd keeps
+    the n blocks M R_i for the backward, k r^ numbers (more than x itself at large r); this keeps z and M alone,
+    all MoRA needs for its gradients, and makes the blocks again (n r^^2 work, against T n r^^2 for the products)."""
+
+    @staticmethod
+    def forward(ctx, z, M, blocks):
+        ctx.save_for_backward(z, M)
+        ctx.blocks = blocks
+        return block_product(z, blocks(M))
+
+    @staticmethod
+    def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
+        z, M = ctx.saved_tensors
+        with torch.enable_grad():
+            M = M.detach().requires_grad_()
+            B = ctx.blocks(M)  # (n, r^, r^)
+        grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        grad_B = torch.einsum("...no,...ni->noi", grad, z.to(grad.dtype))  # summed over the tokens
+        return grad_z, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
+
+
 class MoRALinear(AdapterLinear):
     """MoRA: a frozen nn.Linear plus dW x = f_decomp(M f_comp(x)), M (r^ x r^) zero-initialised, no alpha / r
     scaling. r is LoRA's rank for the same budget, r^ = mora_rank(k, d, r, variant). Exact for every shape
@@ -271,20 +299,23 @@ class MoRALinear(AdapterLinear):
         w = base.weight
         self.M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, device=w.device, dtype=w.dtype))
 
+    @property
+    def n_blocks(self):  # n: blocks that have outputs to keep (decoupling, rotation), else 1
+        k, d, r_hat = self.in_features, self.out_features, self.r_hat
+        return min(-(-k // r_hat), -(-d // r_hat)) if VARIANTS[self.variant][0] is split_blocks else 1
+
     def blocks(self, M):
         """M R_i for each block i that has outputs to keep, (n, r^, r^). M R_i is M with each row turned
         by -i theta_j (the transpose of a turn is the turn back): far less work than turning x_i."""
-        k, d, r_hat = self.in_features, self.out_features, self.r_hat
-        n = min(-(-k // r_hat), -(-d // r_hat)) if VARIANTS[self.variant][0] is split_blocks else 1
         if self.variant != "rotation":
-            return M.expand(n, -1, -1)
-        cos, sin = rope_cos_sin(r_hat, n, dtype=M.dtype, device=M.device)
+            return M.expand(self.n_blocks, -1, -1)
+        cos, sin = rope_cos_sin(self.r_hat, self.n_blocks, dtype=M.dtype, device=M.device)
         return apply_rotary(M, cos[:, None, :], -sin[:, None, :])
 
     def update(self, x, M=None):  # f_decomp(M f_comp(x)): block i of f_comp(x) times its own M R_i
         f_comp, f_decomp = VARIANTS[self.variant]
-        M = self.blocks(self.M if M is None else M)
-        y = torch.einsum("...ni,noi->...no", f_comp(x, self.r_hat, len(M)), M)  # (..., n, r^)
+        z = f_comp(x, self.r_hat, self.n_blocks)  # (..., n, r^)
+        y = BlockProduct.apply(z, self.M if M is None else M, self.blocks)  # (..., n, r^)
         return f_decomp(y.flatten(-2), self.out_features)
 
     def get_delta_weight(self):

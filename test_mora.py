@@ -245,6 +245,31 @@ def test_forward_and_gradients_match_reference(k, d, r, variant):
     assert torch.allclose(gm, rm, atol=1e-10)
 
 
+@pytest.mark.parametrize("k,d,r", [(8, 8, 1), (13, 7, 1), (3, 17, 4)])  # r^ divides k and d; does not; r^ > k
+@pytest.mark.parametrize("variant", ["sharing", "sharing_gs_ri", "decoupling", "rotation"])
+def test_the_block_products_own_backward_passes_gradcheck_and_equals_plain_autograd(k, d, r, variant):
+    layer = make_mora(k, d, r, variant)
+    z = torch.randn(2, 3, layer.n_blocks, layer.r_hat, dtype=torch.float64, requires_grad=True)
+    M = layer.M.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda z, M: mora.BlockProduct.apply(z, M, layer.blocks), (z, M))
+    g = torch.randn(2, 3, layer.n_blocks, layer.r_hat, dtype=torch.float64)
+    ours = torch.autograd.grad(mora.BlockProduct.apply(z, M, layer.blocks), (z, M), g)
+    plain = torch.autograd.grad(mora.block_product(z, layer.blocks(M)), (z, M), g)
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(ours, plain))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_backward_keeps_x_and_m_alone_where_r_hat_divides_k(variant):
+    layer = make_mora(64, 64, 8, variant)  # r^ = 32: two blocks for decoupling and rotation, views of x
+    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        layer.update(x)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    storages.pop(layer.M.untyped_storage().data_ptr(), None)
+    assert sum(storages.values()) <= x.untyped_storage().nbytes()  # the blocks M R_i, or a copy of x, were kept
+
+
 def test_rank_of_updates():
     for variant in ["truncation", "sharing", "sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri"]:
         layer = make_mora(128, 128, 8, variant)
