@@ -1,27 +1,37 @@
 """
-What MoRA costs next to LoRA and the plain frozen layer:
+What MoRA costs next to LoRA:
 
-  python bench.py                          # CPU, float32
-  python bench.py --device cuda            # GPU, bfloat16
-  python bench.py --json bench.json        # also add every figure to a JSON file
+  python bench.py                                  # one layer at LLaMA-7B's shapes, CPU, float32
+  python bench.py --device cuda                    # GPU, bfloat16
+  python bench.py --model 60m --ranks 8 128        # whole training steps of this project's Llama
+  python bench.py --json bench.json                # also add every figure to a JSON file
 
-One frozen nn.Linear at LLaMA-7B's shapes, adapted as in training: forward + backward with the input requiring
-its gradient (as inside a network). Rows: the frozen layer alone, LoRA and every MoRA variant; their time and what
-autograd keeps for the backward pass. A time is the median of --repeats samples taken round-robin (a row after the
-other), so that machine noise hits all rows alike; a ratio is between figures of one run.
+Layers: a frozen nn.Linear, adapted, forward + backward with the input requiring its gradient (as inside a
+network). Rows: the frozen layer, LoRA, every MoRA variant, and PEFT's LoRA and MiSS where peft is installed.
+Model: training steps (forward, backward, AdamW) of train_tiny_llama.py's model as it pretrains, batch 4 x 256
+tokens, vocabulary 4,096; each row in a process of its own, so that its peak memory is its own (peak MB: above
+what the process held before its first step; CPU: the resident set, CUDA: allocations).
+Columns: time as the median of --repeats samples (layers: taken round-robin, a row after the other, so that
+machine noise hits all rows alike); bound: the row's matrix products (FlopCounterMode) over LoRA's, the ratio
+that a perfect implementation would reach; saved MB: what autograd keeps for the backward pass.
 """
 
-import argparse, math, platform, statistics, time
+import argparse, collections, functools, math, multiprocessing, platform, statistics, time, types
 
 import common  # first: a Ctrl-C while torch loads is one line too
 import torch
 import torch.nn as nn
+from concurrent.futures import ProcessPoolExecutor
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import COUNT, PATH, POSITIVE_INT, SEED, THREADS
-from mora import VARIANTS, LoRALinear, MoRALinear, count_parameters
+from mora import PRESETS, VARIANTS, LlamaConfig, LoRALinear, MoRALinear, count_parameters
 
 DEFAULT_LAYERS = ["4096:4096:8", "4096:4096:256", "4096:11008:8", "4096:11008:256"]  # attention, MLP; r = 8 and 256
 MIN_SAMPLE_S = 0.02  # a sample repeats a call until it lasts about this long (small shapes run in microseconds)
+MODEL_ROWS = {"full": ("full", None), "lora": ("lora", None), "mora sharing": ("mora", "sharing"),
+              "mora rotation": ("mora", "rotation")}  # row: (train_tiny_llama's method, variant)
+BATCH, SEQ_LEN, VOCAB = 4, 256, 4096
 
 def layer_spec(text):
     """in_features:out_features:rank, three positive integers."""
@@ -31,18 +41,20 @@ def layer_spec(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     p.add_argument("--device", type=common.device, default="cpu", help="cpu or cuda (cuda:N)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the layer, its adapter and the input "
-                   "(default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the layer, its adapter and the input, or "
+                   "the model's autocast (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=THREADS, help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--layers", nargs="+", type=common.flag(layer_spec, what="in:out:rank, positive integers"),
                    default=[layer_spec(s) for s in DEFAULT_LAYERS], metavar="IN:OUT:R",
                    help=f"layers as in_features:out_features:rank (default: {' '.join(DEFAULT_LAYERS)})")
-    p.add_argument("--tokens", type=POSITIVE_INT, default=2048, help="tokens T in one forward pass")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=2048, help="tokens T in one forward pass of a layer")
+    p.add_argument("--model", choices=list(PRESETS), help="time training steps of the model at this preset instead")
+    p.add_argument("--ranks", nargs="+", type=POSITIVE_INT, default=[8, 128], help="the adapters' ranks, with --model")
     p.add_argument("--repeats", type=POSITIVE_INT, default=10, help="timed samples of each row, median reported")
     p.add_argument("--warmup", type=COUNT, default=2, help="untimed calls of each row first")
     p.add_argument("--seed", type=SEED, default=0, help="seed of weights and inputs")
-    p.add_argument("--json", type=PATH, metavar="PATH", help="add each layer's figures to this JSON as it is timed "
-                   "(replacing one with the same settings)")
+    p.add_argument("--json", type=PATH, metavar="PATH", help="add each layer's or rank's figures to this JSON as it "
+                   "is timed (replacing one with the same settings)")
     args = p.parse_args(argv)
     if args.device.type not in ("cpu", "cuda"):
         p.error(f"--device: only cpu and cuda are timed here, got {args.device}")
@@ -50,24 +62,30 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
 
+def sample(fn, calls, device):  # seconds a call
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return (time.perf_counter() - t0) / calls
+
 def time_round_robin(fns, args):
     """{name: samples, seconds a call}: after the warm-up, a sample of each fn in turn, round after round."""
-    def sample(fn, calls):
-        torch.cuda.synchronize() if args.device.type == "cuda" else None
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize() if args.device.type == "cuda" else None
-        return (time.perf_counter() - t0) / calls
     for fn in fns.values():
         for _ in range(args.warmup):
             fn()
-    calls = {name: max(1, math.ceil(MIN_SAMPLE_S / max(sample(fn, 1), 1e-9))) for name, fn in fns.items()}
+    calls = {name: max(1, math.ceil(MIN_SAMPLE_S / max(sample(fn, 1, args.device), 1e-9))) for name, fn in fns.items()}
     samples = {name: [] for name in fns}
     for _ in range(args.repeats):
         for name, fn in fns.items():
-            samples[name].append(sample(fn, calls[name]))
+            samples[name].append(sample(fn, calls[name], args.device))
     return samples
+
+def flops(fn):  # of the matrix products in one call: the work no implementation can skip
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 def saved_for_backward_mb(forward, exclude):
     """Megabytes that autograd keeps for the backward pass of forward(): distinct storages, but the weights
@@ -82,12 +100,25 @@ def saved_for_backward_mb(forward, exclude):
         forward()
     return sum(kept.values()) / 2 ** 20
 
+def peft_layers(base, r):
+    """PEFT's LoRA and its MiSS at LoRA's parameter count (a (r', d) block, r' = r (k + d) / d), if peft is there."""
+    try:
+        import peft
+    except ImportError:
+        return {}
+    k, d = base.in_features, base.out_features
+    wrap = lambda config: peft.get_peft_model(nn.Sequential(collections.OrderedDict(lin=base)), config)
+    r_miss = max(1, round(r * (k + d) / d))
+    return {"peft lora": wrap(peft.LoraConfig(r=r, lora_alpha=r, target_modules=["lin"])),
+            f"peft miss (r={r_miss})": wrap(peft.MissConfig(r=r_miss, target_modules=["lin"]))}
+
 def bench_layer(k, d, r, args):
     dev, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     base = nn.Linear(k, d, bias=False, device=dev, dtype=dtype).requires_grad_(False)  # LLaMA's have no bias
     layers = {"frozen layer": base, "lora": LoRALinear(base, r)}
     layers.update({f"mora {v}": MoRALinear(base, r, v) for v in VARIANTS})
+    layers.update({name: layer.to(dev, dtype) for name, layer in peft_layers(base, r).items()})
     with torch.no_grad():  # a trained adapter, not the zero update of step 0 (the time is the same)
         for p in (p for layer in layers.values() for p in layer.parameters() if p.requires_grad):
             p.normal_(0.0, 0.01)
@@ -101,13 +132,64 @@ def bench_layer(k, d, r, args):
             for p in layer.parameters():
                 p.grad = None
         return step
-    samples = time_round_robin({name: train_step(layer) for name, layer in layers.items()}, args)
-    ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    steps = {name: train_step(layer) for name, layer in layers.items()}
+    work = {name: flops(step) for name, step in steps.items()}
+    samples = {name: [s * 1e3 for s in samples] for name, samples in time_round_robin(steps, args).items()}
+    ms = {name: statistics.median(s) for name, s in samples.items()}
     return dict(in_features=k, out_features=d, r=r, tokens=args.tokens, rows=[dict(
-        name=name, ms=ms[name], samples_ms=[s * 1e3 for s in samples[name]], vs_lora=ms[name] / ms["lora"],
-        vs_frozen=ms[name] / ms["frozen layer"], trainable_params=count_parameters(layer, trainable_only=True),
-        r_hat=getattr(layer, "r_hat", None), saved_mb=saved_for_backward_mb(lambda: layer(x), layer.parameters()))
-        for name, layer in layers.items()])
+        name=name, ms=ms[name], samples_ms=samples[name], vs_lora=ms[name] / ms["lora"],
+        bound=work[name] / work["lora"],
+        saved_mb=saved_for_backward_mb(lambda: layer(x), layer.parameters()), r_hat=getattr(layer, "r_hat", None),
+        trainable_params=count_parameters(layer, trainable_only=True)) for name, layer in layers.items()])
+
+def peak_memory_mb(device, reset=False):
+    """The peak since the last reset: CUDA's allocations, or on Linux the resident set (VmHWM, reset through
+    clear_refs); with reset, what is held now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device) if reset else torch.cuda.synchronize(device)
+        return (torch.cuda.memory_allocated if reset else torch.cuda.max_memory_allocated)(device) / 2 ** 20
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS" if reset else "VmHWM"].split()[0]) / 2 ** 10
+
+def model_row(name, r, args):
+    """One row of --model, in a process of its own: {ms, tokens_per_s, peak_mb, flops, trainable_params}."""
+    import train_tiny_llama as ttl
+    torch.set_num_threads(args.threads) if args.threads else None
+    method, variant = MODEL_ROWS[name]
+    cfg = LlamaConfig(**PRESETS[args.model], vocab_size=VOCAB, max_seq_len=SEQ_LEN)
+    options = types.SimpleNamespace(seed=args.seed, rank=r, lora_alpha=r, variant=variant)
+    model = ttl.build_model(cfg, method, options).to(args.device)
+    optimizer = common.optimizer(model, 0.0, ttl.DEFAULT_LR, ttl.DEFAULT_PROJ_LR[method], device=args.device)
+    tokens = torch.Generator().manual_seed(args.seed)
+    idx = torch.randint(0, VOCAB, (BATCH, SEQ_LEN + 1), generator=tokens).to(args.device)
+    autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def step():
+        with autocast:
+            loss = model(idx[:, :-1], idx[:, 1:])[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    resting = peak_memory_mb(args.device, reset=True)
+    work = flops(step)  # also the first step, which makes AdamW's moments
+    samples = time_round_robin({name: step}, args)[name]
+    ms = statistics.median(samples) * 1e3
+    return dict(name=name, ms=ms, tokens_per_s=BATCH * SEQ_LEN / ms * 1e3, flops=work, trainable_params=
+                count_parameters(model, trainable_only=True), peak_mb=peak_memory_mb(args.device) - resting)
+
+def bench_model(r, args):
+    rows = []
+    for name in MODEL_ROWS:  # a fresh process a row: its peak is its own
+        with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(model_row, name, r, args).result())
+    lora = next(row for row in rows if row["name"] == "lora")
+    for row in rows:
+        row.update(vs_lora=row["ms"] / lora["ms"], bound=row["flops"] / lora["flops"],
+                   peak_vs_lora=row["peak_mb"] / lora["peak_mb"])
+    return dict(model=args.model, r=r, batch=BATCH, seq_len=SEQ_LEN, vocab_size=VOCAB, rows=rows)
 
 def main(argv=None):
     args = parse_args(argv)
@@ -118,24 +200,34 @@ def main(argv=None):
     info = dict(device=str(args.device), dtype=args.dtype, cpu=platform.processor() or platform.machine(),
                 torch_threads=torch.get_num_threads(), torch=torch.__version__, **gpu)
     print(", ".join(f"{k} {v}" for k, v in info.items()) + f"; median of {args.repeats} samples, rows interleaved")
-    layers = []
-    kept = lambda: f"{len(layers)} of {len(args.layers)} layers timed" + f", and in {args.json}" * bool(
-        args.json and layers)
+    if not args.model and "peft lora" not in peft_layers(nn.Linear(2, 2), 1):
+        print("note: peft is not installed; its LoRA and MiSS rows are left out (pip install peft)")
+    jobs = [functools.partial(bench_model, r) for r in args.ranks] if args.model else [
+        functools.partial(bench_layer, *shape) for shape in args.layers]
+    done = []
+    kept = lambda: f"{len(done)} of {len(jobs)} timed" + f", and in {args.json}" * bool(args.json and done)
     with common.on_interrupt(kept):
-        for shape in args.layers:
-            layers.append(res := bench_layer(*shape, args))
-            print(f"\nlayer {res['in_features']} -> {res['out_features']}, r = {res['r']}, T = {res['tokens']}: "
-                  f"forward + backward\n")
-            print(common.table(["", "ms", "x LoRA", "x frozen layer", "saved MB", "r^", "trainable"], [
-                [row["name"], f"{row['ms']:.2f}", f"{row['vs_lora']:.3f}", f"{row['vs_frozen']:.3f}",
-                 f"{row['saved_mb']:.1f}", str(row["r_hat"] or "-"), f"{row['trainable_params']:,}"]
-                for row in res["rows"]]))
-            if args.json:  # a layer's figures depend on its shape, the machine and these flags
-                settings = {**info, **{k: res[k] for k in ("in_features", "out_features", "r", "tokens")},
+        for job in jobs:
+            done.append(res := job(args))
+            print(report(res, args))
+            if args.json:  # the figures depend on the shapes, the machine and these flags
+                settings = {**info, **{k: v for k, v in res.items() if k != "rows"},
                             **{k: getattr(args, k) for k in ("repeats", "warmup", "seed")}}
                 common.save_runs(args.json, [{"settings": settings, "rows": res["rows"]}])
     if args.json:
-        print(f"\nadded {len(layers)} layers to {args.json}")
+        print(f"\nadded {len(done)} runs to {args.json}")
+
+COLUMNS = {"ms": ("ms", ".1f"), "tokens_per_s": ("tokens/s", ",.0f"), "vs_lora": ("x LoRA", ".3f"),
+           "bound": ("bound", ".3f"), "saved_mb": ("saved MB", ".1f"), "peak_mb": ("peak MB", ".0f"),
+           "peak_vs_lora": ("x LoRA", ".3f"), "r_hat": ("r^", ""), "trainable_params": ("trainable", ",")}
+
+def report(res, args):
+    what = f"model {args.model}" if args.model else f"layer {res['in_features']} -> {res['out_features']}"
+    print(f"\n{what}, r = {res['r']}: {'training steps' if args.model else 'forward + backward'}\n")
+    shown = [c for c in COLUMNS if c in res["rows"][0]]
+    cell = lambda row, c: "-" if row[c] is None else format(row[c], COLUMNS[c][1])
+    return common.table(["", *(COLUMNS[c][0] for c in shown)], [[row["name"], *(cell(row, c) for c in shown)]
+                                                                 for row in res["rows"]])
 
 if __name__ == "__main__":
     common.main_guard(main)

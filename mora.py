@@ -176,10 +176,11 @@ def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n
 def cyclic_pad(v, n):
     """v_(t mod len(v)) for t < n: the inputs padded with the first inputs again (x~, not zeros),
     and T (Eq. 6), out_i = y_(i mod r^), which also tiles the blocks of decoupling and rotation."""
-    if n <= v.shape[-1]:
-        return v[..., :n]  # a view
     whole, rest = divmod(n, v.shape[-1])
-    return torch.cat([v] * whole + [v[..., :rest]], -1)
+    if whole == 0:
+        return v[..., :n]
+    tiled = v.unsqueeze(-2).expand(*v.shape[:-1], whole, -1).flatten(-2)  # a view of v where whole is 1
+    return torch.cat([tiled, v[..., :rest]], -1) if rest else tiled
 
 
 def split_blocks(x, r_hat, n):  # decoupling and rotation: x~ cut into n blocks of r^

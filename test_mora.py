@@ -6,6 +6,7 @@ import collections
 import contextlib
 import copy
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -1764,15 +1765,48 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch):
     layer = runs[0]
     assert {"device", "dtype", "cpu", "torch_threads", "torch", "in_features", "r", "repeats"} <= set(layer["settings"])
     rows = {row["name"]: row for row in layer["rows"]}
-    assert list(rows) == ["frozen layer", "lora"] + [f"mora {v}" for v in VARIANTS]
+    peft_rows = ["peft lora", "peft miss (r=3)"] if importlib.util.find_spec("peft") else []  # 2 (12 + 20) / 20 ~ 3
+    assert list(rows) == ["frozen layer", "lora"] + [f"mora {v}" for v in VARIANTS] + peft_rows
+    lora_flops = 4 * 16 * 12 * 20 + 6 * 16 * 2 * (12 + 20)  # T = 16: W0 forward and dx, then LoRA's six products
+    assert rows["frozen layer"]["bound"] == pytest.approx(4 * 16 * 12 * 20 / lora_flops)
+    assert rows["mora sharing"]["bound"] == 1  # r^ = 8: 6 T r^^2 = 6 T r (k + d)
+    assert rows["mora rotation"]["bound"] == pytest.approx((4 * 16 * 12 * 20 + 2 * 6 * 16 * 64) / lora_flops)  # n = 2
     for row in rows.values():
         assert len(row["samples_ms"]) == 3 and row["ms"] == pytest.approx(sorted(row["samples_ms"])[1])  # the median
     assert rows["frozen layer"]["saved_mb"] == 0  # a frozen layer keeps nothing for the backward pass
     assert rows["lora"]["saved_mb"] > 0 and rows["lora"]["trainable_params"] == 2 * (12 + 20)
     assert rows["mora sharing"]["trainable_params"] == 8 ** 2 and rows["mora sharing"]["r_hat"] == 8
     monkeypatch.setattr(bench, "bench_layer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(common.Stopped, match="^0 of 1 layers timed$"):  # it named a file that was never written
+    with pytest.raises(common.Stopped, match="^0 of 1 timed$"):  # it named a file that was never written
         bench.main(["--layers", "8:8:1", "--json", str(tmp_path / "new.json")])
+
+
+class InlineExecutor(contextlib.nullcontext):  # the rows in this process: the plumbing, not the isolation
+    def __enter__(self):
+        return self
+
+    def submit(self, fn, *args):
+        return mock.Mock(result=lambda: fn(*args))
+
+
+def test_bench_model_times_training_steps_of_each_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", lambda *a: InlineExecutor())
+    monkeypatch.setattr(bench, "MIN_SAMPLE_S", 0.0)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--model", "tiny", "--ranks", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                    "--json", str(tmp_path / "model.json")])
+    finally:
+        torch.set_num_threads(threads)
+    run, = json.loads((tmp_path / "model.json").read_text())["runs"]
+    assert (run["settings"]["model"], run["settings"]["r"], run["settings"]["seq_len"]) == ("tiny", 2, 256)
+    rows = {row["name"]: row for row in run["rows"]}
+    assert list(rows) == ["full", "lora", "mora sharing", "mora rotation"]
+    assert rows["lora"]["vs_lora"] == rows["lora"]["bound"] == rows["lora"]["peak_vs_lora"] == 1
+    assert rows["full"]["trainable_params"] == count_parameters(Llama(LlamaConfig(
+        **mora.PRESETS["tiny"], vocab_size=bench.VOCAB, max_seq_len=256)))
+    assert rows["mora sharing"]["bound"] == pytest.approx(1, abs=0.01) and rows["mora rotation"]["bound"] > 1.01
+    assert all(row["peak_mb"] >= 0 and row["tokens_per_s"] > 0 for row in rows.values())
 
 
 @pytest.mark.parametrize("flag,value", [
