@@ -760,29 +760,46 @@ def test_official_folders_load_by_the_spec(tmp_path, mora_type, variant, M):
 
 def test_an_official_folder_with_m_as_lora_b_alone_loads(tmp_path):
     pytest.importorskip("safetensors")
-    M = {"base_model.model.lin.lora_B.weight": torch.tensor(M3)}
+    M = {"base_model.model.lin.lora_B.weight": torch.tensor(M3, dtype=torch.float32)}
     write_official_folder(tmp_path, {"use_mora": True, "r": 1}, M)
     layer = mora.load_adapter(nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4))), tmp_path).lin
     assert torch.allclose(layer.get_delta_weight(), torch.tensor(HAND["sharing"]).float())
 
 
+OTHER = {f"base_model.model.other.lora_{x}.weight": torch.ones(3, 3) for x in "AB"}  # r^ = 3 for other (4, 4) too
+
+
 @pytest.mark.parametrize("change,message", [
-    (lambda c, w: c.update(mora_type=5), "unknown mora_type 5"),
-    (lambda c, w: c.update(mora_type="1"), "unknown mora_type '1'"),  # a JSON integer
-    (lambda c, w: c.update(use_dora=True), "use_dora is not honoured"),
-    (lambda c, w: c.update(rank_pattern={"lin": 4}), "rank_pattern is not honoured"),
-    (lambda c, w: c.update(bias="all"), "bias is not honoured"),
-    (lambda c, w: c.update(modules_to_save=["head"]), "modules_to_save is not honoured"),
-    (lambda c, w: c.update(r=2), r"lin.lora_A, shape \(3, 3\), where the layer wants \(4, 4\)"),  # r is LoRA's r
+    (lambda c, w: c.update(mora_type=5), "mora_type 5 is not honoured"),
+    (lambda c, w: c.update(mora_type="1"), "mora_type '1' is not honoured"),  # a JSON integer
+    (lambda c, w: c.update(use_dora=True), "use_dora True is not honoured"),
+    (lambda c, w: c.update(rank_pattern={"lin": 4}), "rank_pattern {'lin': 4} is not honoured"),
+    (lambda c, w: c.update(bias="all"), "bias 'all' is not honoured"),
+    (lambda c, w: c.update(modules_to_save=["head"]), r"modules_to_save \['head'\] is not honoured"),
+    (lambda c, w: c.update(init_lora_weights="pissa"), "init_lora_weights 'pissa' is not honoured"),  # moves W0
+    (lambda c, w: c.update(init_lora_weights="olora"), "init_lora_weights 'olora' is not honoured"),
+    (lambda c, w: c.update(alora_invocation_tokens=[5]), r"alora_invocation_tokens \[5\] is not honoured"),
+    (lambda c, w: c.update(use_qalora=True), "use_qalora True is not honoured"),  # pools the input
+    (lambda c, w: c.update(layers_to_transform=0), "layers_to_transform 0 is not honoured"),  # 0: layer 0 only
+    (lambda c, w: c.update(use_a_later_feature="yes"), "use_a_later_feature 'yes' is not honoured"),
+    (lambda c, w: c.update(target_modules=5), "target_modules 5 is not honoured"),
+    (lambda c, w: c.update(target_modules="lin("), r"target_modules 'lin\(' is not honoured"),  # not a regex
+    (lambda c, w: w.update(OTHER), "the key base_model.model.other.lora_A.weight names no nn.Linear"),  # all loaded
+    (lambda c, w: w.update(OTHER) or c.update(target_modules="l.*"), "the key base_model.model.other.lora_A.weight"),
+    (lambda c, w: w.update(OTHER) or c.update(target_modules=["lin", "other"], exclude_modules=["other"]),
+     "the key base_model.model.other.lora_A.weight names no nn.Linear of the model in target_modules"),
+    (lambda c, w: c.update(r=2), r"lin.lora_A, torch.float32 of shape \(3, 3\), where the layer wants \(4, 4\)"),
+    (lambda c, w: w.update({k: torch.ones(3, 3, dtype=torch.int64) for k in w}),
+     r"lin.lora_A, torch.int64 of shape \(3, 3\), where the layer wants \(3, 3\) finite floating"),
     (lambda c, w: w.update({"base_model.model.lin.lora_B.weight": torch.zeros(3, 3)}), "differs from lora_A"),
     (lambda c, w: w.update({"model.lin.lora_A.weight": w.pop("base_model.model.lin.lora_A.weight")}),
      "the key model.lin.lora_A.weight names no nn.Linear"),  # a wrong prefix loaded nothing, M stayed zero
     (lambda c, w: c.update(target_modules=["lin", "other"]), "the target module other gets no weights"),
     (lambda c, w: w.update({f"base_model.model.lin.lora_{x}.weight": torch.full((3, 3), math.nan) for x in "AB"}),
-     r"lin.lora_A, shape \(3, 3\), where the layer wants \(3, 3\) and finite numbers"),  # it left the adapters on
+     r"lin.lora_A, torch.float32 of shape \(3, 3\), where the layer wants \(3, 3\) finite"),  # it left them on
     (lambda c, w: c.update(lora_alpha=None), "lora_alpha None is not honoured"),  # it became alpha = r
-    (lambda c, w: c.update(r=1.0), "r 1.0 or"),
-    (lambda c, w: c.update(lora_dropout="0.1"), "dropout must be a number"),
+    (lambda c, w: c.update(r=1.0), "r 1.0 is not honoured"),
+    (lambda c, w: c.update(lora_dropout="0.1"), "lora_dropout '0.1' is not honoured"),
     (lambda c, w: [c], "adapter_config.json holds no JSON object"),
 ])
 def test_what_would_load_wrongly_is_refused_before_any_change(tmp_path, change, message):
@@ -795,6 +812,48 @@ def test_what_would_load_wrongly_is_refused_before_any_change(tmp_path, change, 
     with pytest.raises(ValueError, match=message):
         mora.load_adapter(model, tmp_path)
     assert not mora.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def fifo(path):
+    os.remove(path)
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("spoil,message", [
+    (lambda d: (d / "adapter_config.json").write_bytes(b'{"r": 1,'), "adapter_config.json is not JSON"),
+    (lambda d: (d / "adapter_config.json").write_bytes(b'{"r": "\xff"}'), "adapter_config.json is not JSON: 'utf-8'"),
+    (lambda d: (d / "adapter_config.json").write_text("[" * 100_000), "adapter_config.json is not JSON"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:-4]),
+     "adapter_model.safetensors is not a readable safetensors file"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"garbage"), "is not a readable safetensors file"),
+    (lambda d: fifo(d / "adapter_config.json"), "adapter_config.json is not a regular file"),  # it blocked
+    (lambda d: fifo(d / "adapter_model.safetensors"), "adapter_model.safetensors is not a regular file"),
+    (lambda d: os.remove(d / "adapter_config.json") or os.symlink("adapter_config.json", d / "adapter_config.json"),
+     "Too many levels of symbolic links: .*adapter_config.json"),
+])
+def test_a_damaged_folder_is_one_error_naming_the_file(tmp_path, spoil, message):
+    pytest.importorskip("safetensors")
+    M = {f"base_model.model.lin.lora_{x}.weight": torch.ones(3, 3) for x in "AB"}
+    write_official_folder(tmp_path, {"use_mora": True, "r": 1}, M)
+    spoil(tmp_path)
+    model = nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4)))
+    with pytest.raises((ValueError, OSError), match=message):
+        mora.load_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="adapter_config.json is not a folder"):
+        mora.load_adapter(model, tmp_path / "adapter_config.json")
+    assert not mora.adapter_layers(model)
+
+
+@pytest.mark.parametrize("exclude", [["model.layers.0.self_attn.q_proj"], r".*\.0\.self_attn\.q_proj"])
+def test_a_stock_peft_folder_with_exclude_modules_loads_exactly(tmp_path, exclude):
+    peft = pytest.importorskip("peft")
+    theirs = randomise_adapters(peft.get_peft_model(hf_llama(), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"], exclude_modules=exclude, task_type="CAUSAL_LM")))
+    theirs.save_pretrained(tmp_path)
+    ours = mora.load_adapter(hf_llama(), tmp_path)
+    adapted = [n for n, _ in mora.adapter_layers(ours)]
+    assert adapted == [f"model.layers.{i}.self_attn.{p}_proj" for i, p in [(0, "v"), (1, "q"), (1, "v")]]
+    assert torch.allclose(ours(IDX).logits, theirs(IDX).logits, atol=1e-5)
 
 
 def test_a_lora_folder_without_lora_b_is_refused_before_any_change(tmp_path):
