@@ -516,6 +516,30 @@ def read_adapter_folder(directory):
     return config, weights
 
 
+@contextlib.contextmanager
+def atomic_files(paths, mode="wb", replace=True, follow_links=True):
+    """Files to write, each renamed to its path once all are written and on disk: a reader sees the old files or the
+    new ones, never a part, and a failure leaves the old ones whole, no temporary behind. Temporary names are unique
+    to the process and the call; permissions are the umask's. replace=False never replaces an existing path
+    (FileExistsError). follow_links writes a symbolic link's target; without it the link itself is replaced."""
+    paths = [os.path.realpath(p) if follow_links else os.path.abspath(p) for p in paths]
+    temporaries = [f"{p}.{os.getpid()}.{os.urandom(4).hex()}.tmp" for p in paths]
+    try:
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(os.open(t, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), mode))
+                     for t in temporaries]
+            yield files
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        for temporary, path in zip(temporaries, paths):
+            os.replace(temporary, path) if replace else os.link(temporary, path)
+    finally:
+        for temporary in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+
+
 def save_adapter(model, directory):
     """Write the adapters to a folder PEFT reads: LoRA as stock PEFT's LoRA, MoRA as the official fork's (use_mora,
     mora_type). Truncation and decoupling have no official number: they are saved under this project's own key
@@ -534,11 +558,11 @@ def save_adapter(model, directory):
         tensors = {key.format(n, ab): state[f"{n}.M"].detach().clone() for n, _ in layers for ab in "AB"}
     else:
         tensors = {key.format(n, ab): state[f"{n}.{ab}"].detach().contiguous() for n, _ in layers for ab in "AB"}
-    from safetensors.torch import save_file  # only now: what is refused above needs no safetensors
+    from safetensors.torch import save  # only now: what is refused above needs no safetensors
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, ADAPTER_FILES[1]))
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    with atomic_files([os.path.join(directory, n) for n in ADAPTER_FILES], follow_links=False) as (json_file, st_file):
+        json_file.write(json.dumps(config, indent=2).encode())  # a link in the folder is replaced, not followed
+        st_file.write(save(tensors))
 
 
 def load_adapter(model, directory):

@@ -876,6 +876,31 @@ def test_save_adapter_refuses_merged_or_mixed_adapters(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("broken", ["json", "fsync"])  # the config cannot be made; the disk fills before the rename
+def test_a_failed_save_leaves_the_old_adapter_whole(tmp_path, monkeypatch, broken):
+    pytest.importorskip("safetensors")
+    idx, full = torch.randint(0, 37, (2, 12)), OSError(28, "No space left on device")
+    mora.save_adapter(randomise_adapters(apply_adapters(tiny_model(), "mora", r=2)), tmp_path)
+    before = mora.load_adapter(tiny_model(), tmp_path)(idx)[0]
+    monkeypatch.setattr(*(mora, "json", mock.Mock(**{"dump.side_effect": full, "dumps.side_effect": full}))
+                        if broken == "json" else (mora.os, "fsync", mock.Mock(side_effect=full)))
+    with pytest.raises(OSError, match="No space"):
+        mora.save_adapter(randomise_adapters(apply_adapters(tiny_model(), "lora", r=4), 1.0), tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(mora.ADAPTER_FILES)  # no temporary left behind
+    assert torch.equal(mora.load_adapter(tiny_model(), tmp_path)(idx)[0], before)
+
+
+def test_save_adapter_replaces_a_link_in_the_folder_and_leaves_its_target(tmp_path):
+    pytest.importorskip("safetensors")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "mine.json").write_text("mine")
+    os.symlink(tmp_path / "mine.json", tmp_path / "adapter" / "adapter_config.json")
+    mora.save_adapter(apply_adapters(tiny_model(), "lora", r=2), tmp_path / "adapter")
+    assert (tmp_path / "mine.json").read_text() == "mine"
+    assert not os.path.islink(tmp_path / "adapter" / "adapter_config.json")
+
+
 def test_a_plain_from_pretrained_of_an_unmerged_save_fails_loudly(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
@@ -1038,18 +1063,18 @@ def test_lr_schedule_by_hand():
 def test_outputs_are_atomic_never_replaced_when_asked_and_get_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        with common.atomic_file(tmp_path / "a.bin") as f:
+        with common.atomic_files([tmp_path / "a.bin"]) as (f,):
             f.write(b"one")
         assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o644  # tempfile made them 0600
-        with pytest.raises(RuntimeError), common.atomic_file(tmp_path / "a.bin") as f:
+        with pytest.raises(RuntimeError), common.atomic_files([tmp_path / "a.bin"]) as (f,):
             f.write(b"half")
             raise RuntimeError  # a crash mid-write: the old file stays whole, no temporary is left
         assert (tmp_path / "a.bin").read_bytes() == b"one" and os.listdir(tmp_path) == ["a.bin"]
-        with pytest.raises(FileExistsError), common.atomic_file(tmp_path / "a.bin", replace=False) as f:
+        with pytest.raises(FileExistsError), common.atomic_files([tmp_path / "a.bin"], replace=False) as (f,):
             f.write(b"two")
         assert (tmp_path / "a.bin").read_bytes() == b"one" and os.listdir(tmp_path) == ["a.bin"]
         os.symlink("a.bin", tmp_path / "link.bin")
-        with common.atomic_file(tmp_path / "link.bin") as f:  # the link's target is written, the link stays
+        with common.atomic_files([tmp_path / "link.bin"]) as (f,):  # the link's target is written, the link stays
             f.write(b"three")
         assert os.path.islink(tmp_path / "link.bin") and (tmp_path / "a.bin").read_bytes() == b"three"
     finally:

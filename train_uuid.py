@@ -195,7 +195,7 @@ def train_one(settings, args, pretrained, progress):
                seconds=round(time.time() - t0, 1), base_bpb_after=None if diverged else skill(),
                update_rank=None if diverged else common.update_ranks(before, common.effective_weights(model)))
     if args.out and not diverged:  # never over another file (checked before training began)
-        with common.atomic_file(out_path(args, settings), replace=False) as f:
+        with common.atomic_files([out_path(args, settings)], replace=False) as (f,):
             torch.save(model.state_dict(), f)
     return run
 
