@@ -39,6 +39,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"dropout must be a number from 0 to below 1, got {dropout!r}")
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the adapter's input only
         self.merged = self.disabled = False
+        self.reinits = 0  # merge_and_reinit calls: W0 holds what the adapter learnt before
 
     # PEFT's conventions: the layer reports its base layer's shape, weight and bias
     in_features = property(lambda self: self.base.in_features)
@@ -61,11 +62,13 @@ class AdapterLinear(nn.Module):
         """ReLoRA / ReMoRA (Sec. 5.3): fold dW into W0 for good, then start a fresh adapter."""
         if not self.merged:
             self.merge()
-        self.merged = False
+        self.merged, self.reinits = False, self.reinits + 1
         self.reset_adapter()
 
     @torch.no_grad()
     def _fold(self, merge):
+        if self.disabled:  # inside disable_adapters: merging would put the adapter into the outputs
+            raise ValueError(f"{'merge' if merge else 'unmerge'} inside disable_adapters is refused")
         if merge == self.merged:
             return warnings.warn(f"adapter already {'merged' if merge else 'unmerged'}; nothing done", stacklevel=3)
         self.base.weight.copy_(self.folded(merge))
@@ -395,8 +398,10 @@ def check_states(model, state_dict, prefix, *args):  # apply_adapters' hook: a l
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Inside, every adapter layer computes W0 x alone (PEFT's disable_adapter()): the base model, for free."""
+    """Inside, every adapter layer computes W0 x alone (PEFT's disable_adapter()): the base model, for free. Leaving
+    restores each layer's state as found, so blocks nest; merging inside is refused."""
     layers = [layer for _, layer in adapter_layers(model)]
+    found = [layer.disabled for layer in layers]
     if any(layer.merged for layer in layers):
         raise ValueError("disable_adapters needs unmerged adapters (a merged one lives in its base weight)")
     try:
@@ -404,8 +409,8 @@ def disable_adapters(model):
             layer.disabled = True
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
+        for layer, disabled in zip(layers, found):
+            layer.disabled = disabled
 
 
 def _replace(model, name, module):
@@ -545,9 +550,17 @@ def save_adapter(model, directory):
     mora_type). Truncation and decoupling have no official number: they are saved under this project's own key
     mora_variant, which the fork does not read. Needs one setting for all layers and the safetensors package."""
     layers, state = adapter_layers(model), adapter_state_dict(model)  # refuses merged adapters
-    kinds = {(type(layer), layer.r, tuple(layer.settings)) for _, layer in layers}
+    kinds = {(type(layer), layer.r, tuple(layer.settings), getattr(layer.dropout, "p", 0.0)) for _, layer in layers}
     if len(kinds) != 1:
-        raise ValueError(f"save_adapter needs one kind, rank and setting for all adapters, got {len(kinds)}")
+        raise ValueError(f"save_adapter needs one kind, rank, setting and dropout for all adapters, got {len(kinds)}")
+    adapters = {id(p) for _, layer in layers for p in layer.parameters()}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
+    if others:
+        warnings.warn(f"{others[0]} and {len(others) - 1} other trainable parameters are no adapter's: not saved",
+                      stacklevel=2)
+    if any(layer.reinits for _, layer in layers):
+        warnings.warn("merge_and_reinit moved earlier updates into the base weights: the folder reproduces this model "
+                      "on those, not on the original base", stacklevel=2)
     first, key = layers[0][1], "base_model.model.{}.lora_{}.weight"
     config = {"peft_type": "LORA", "r": first.r, "lora_alpha": getattr(first, "alpha", first.r), "lora_dropout":
               getattr(first.dropout, "p", 0.0), "target_modules": [n for n, _ in layers], "bias": "none",

@@ -871,7 +871,7 @@ def test_save_adapter_refuses_merged_or_mixed_adapters(tmp_path):
     with pytest.raises(ValueError, match="unmerge"):
         mora.save_adapter(model, tmp_path / "a")
     mixed = apply_adapters(apply_adapters(tiny_model(), "lora", r=2, targets=("q",)), "mora", r=2, targets=("v",))
-    with pytest.raises(ValueError, match="one kind, rank and setting"):
+    with pytest.raises(ValueError, match="one kind, rank, setting and dropout"):
         mora.save_adapter(mixed, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -899,6 +899,22 @@ def test_save_adapter_replaces_a_link_in_the_folder_and_leaves_its_target(tmp_pa
     mora.save_adapter(apply_adapters(tiny_model(), "lora", r=2), tmp_path / "adapter")
     assert (tmp_path / "mine.json").read_text() == "mine"
     assert not os.path.islink(tmp_path / "adapter" / "adapter_config.json")
+
+
+def test_save_adapter_refuses_mixed_dropouts_and_warns_what_the_folder_leaves_out(tmp_path):
+    pytest.importorskip("safetensors")
+    mixed = apply_adapters(apply_adapters(tiny_model(), "lora", r=2, targets=("q",)), "lora", r=2, targets=("v",),
+                           dropout=0.1)
+    with pytest.raises(ValueError, match="one kind, rank, setting and dropout"):  # one lora_dropout was written
+        mora.save_adapter(mixed, tmp_path / "a")
+    model = apply_adapters(tiny_model(), "lora", r=2)
+    model.embed.requires_grad_(True)
+    with pytest.warns(UserWarning, match="embed.weight and 0 other trainable parameters are no adapter's"):
+        mora.save_adapter(model, tmp_path / "b")
+    model.embed.requires_grad_(False)
+    model.layers[0].attn.q.merge_and_reinit()  # ReLoRA: the base weight now holds the first update
+    with pytest.warns(UserWarning, match="reproduces this model on those, not on the original base"):
+        mora.save_adapter(model, tmp_path / "c")
 
 
 def test_a_plain_from_pretrained_of_an_unmerged_save_fails_loudly(tmp_path):
@@ -937,6 +953,19 @@ def test_disable_adapters_computes_the_base_alone():
     adapted = model(idx)[0]
     with mora.disable_adapters(model):
         assert torch.equal(model(idx)[0], base)
+    assert torch.equal(model(idx)[0], adapted) and not torch.equal(adapted, base)
+
+
+def test_disable_adapters_nest_and_refuse_merging_inside():
+    model, idx = randomise_adapters(apply_adapters(tiny_model(), "lora", r=2)), torch.randint(0, 37, (2, 12))
+    adapted = model(idx)[0]
+    with mora.disable_adapters(model):
+        base = model(idx)[0]
+        with mora.disable_adapters(model):
+            pass
+        assert torch.equal(model(idx)[0], base)  # the inner block left the adapters off
+        with pytest.raises(ValueError, match="merge inside disable_adapters is refused"):
+            model.layers[0].attn.q.merge()
     assert torch.equal(model(idx)[0], adapted) and not torch.equal(adapted, base)
 
 
