@@ -184,8 +184,9 @@ def check_outputs(parser, files=(), folders=(), planned=(), runs=None):
         if kind == "planned":
             continue
         is_folder = kind == "folder"
-        if is_folder and os.path.exists(path) and not os.path.isdir(path) or not is_folder and os.path.isdir(path):
-            parser.error(f"{name} {path}: " + ("is a file, not a folder" if is_folder else "is a folder"))
+        if os.path.exists(path) and not (os.path.isdir if is_folder else os.path.isfile)(path):  # a FIFO would block
+            parser.error(f"{name} {path}: " + ("is a file, not a folder" if is_folder else "is a folder"
+                                               if os.path.isdir(path) else "is not a regular file"))
         parent = real if is_folder else os.path.dirname(real)
         while is_folder and not os.path.exists(parent):  # a folder is made, with its parents; a file's must exist
             parent = os.path.dirname(parent)

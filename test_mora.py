@@ -1245,6 +1245,7 @@ def test_uuid_a_seed_alone_gives_what_it_gives_among_others(tmp_path):
     (["--plot", "test_mora.py/p.png"], "cannot write in"),
     (["--json", ""], "--json: expected a path, got ''"),
     (["--plot", "."], "--plot .: is a folder"),
+    (["--json", "/dev/null"], "--json /dev/null: is not a regular file"),
     (["--json", "x.json", "--plot", "x.json"], "--plot x.json: the same path as --json"),
     (["--plot", "acc.txt"], "name a .png, .pdf, .svg or .jpg file"),
     (["--out", "test_mora.py"], "--out test_mora.py: is a file, not a folder"),
@@ -1330,6 +1331,26 @@ def test_uuid_an_interrupted_job_keeps_its_runs_and_resumes(tmp_path, monkeypatc
     out.write_text(json.dumps(doc))
     with pytest.raises(common.Fail, match=r"--resume: the run FFT, seed 0 in .* is damaged \(TypeError"):
         train_uuid.main(job + ["--resume"])
+    doc["runs"][0]["accuracy"]["2"] = 250  # edited by hand: no accuracy is over 100
+    out.write_text(json.dumps(doc))
+    with pytest.raises(common.Fail, match=r"--resume: the run FFT, seed 0 in .* is damaged"):
+        train_uuid.main(job + ["--resume"])
+
+
+def test_uuid_a_model_file_that_cannot_be_written_names_it_and_keeps_the_figures(tmp_path, monkeypatch):
+    out, full = tmp_path / "runs.json", OSError(28, "No space left on device")
+    monkeypatch.setattr(train_uuid.torch, "save", mock.Mock(side_effect=full))
+    with pytest.raises(common.Fail, match=r"--out: cannot write .*fft_lr0.005_seed0.pt \(No space left on device\)"):
+        train_uuid.main(TINY_UUID_RUN + ["--method", "fft", "--json", str(out), "--out", str(tmp_path / "models")])
+    assert [r["settings"]["method"] for r in json.loads(out.read_text())["runs"]] == ["fft"]
+
+
+@pytest.mark.parametrize("script", [train_uuid, ttl, bench])
+def test_a_fifo_as_json_is_refused_at_start(tmp_path, script, capsys):
+    os.mkfifo(tmp_path / "runs.json")  # reading it waited forever for a writer
+    with pytest.raises(SystemExit):
+        script.parse_args(["--json", str(tmp_path / "runs.json")])
+    assert "is not a regular file" in capsys.readouterr().err
 
 
 def test_uuid_resume_with_nothing_to_take_says_so(tmp_path, capsys):
