@@ -474,9 +474,8 @@ def targeted(name, targets):
     return bool(re.fullmatch(targets, name)) if isinstance(targets, str) else matches(name, targets or ())
 
 
-# What an adapter_config.json may ask (MORA_SPEC 4c): the fields honoured here, each with a rule for its value;
-# metadata; PEFT's defaults of unused features. Any other field holding a value (not null, false or empty) changes what
-# the weights mean, or is unknown here: it is refused, by name.
+# What an adapter_config.json may ask (MORA_SPEC 4c): the fields honoured here, metadata, PEFT's defaults of unused
+# features. Any other field holding a value (not null, false or empty) may change what the weights mean: refused.
 one_of, ANY = lambda *values: lambda v: v in values, lambda v: True
 UNUSED = lambda v: v is None or v is False or v in ("", [], {})
 CONFIG_FIELDS = {
@@ -494,12 +493,9 @@ CONFIG_FIELDS = {
 
 
 def read_adapter_folder(directory):
-    """The config and weights of a PEFT folder, read whole before anything uses them. What is not a folder, a regular
-    file, UTF-8 JSON asking what CONFIG_FIELDS allows, or safetensors is one ValueError naming the file. Each file
-    is checked to be regular before it is opened: a FIFO would block forever."""
+    """The config and weights of a PEFT folder, read whole first. A file that is not regular (a FIFO would block), UTF-8
+    JSON asking what CONFIG_FIELDS allows, or safetensors is one ValueError naming it."""
     paths = [os.path.join(directory, name) for name in ADAPTER_FILES]
-    if not os.path.isdir(directory):
-        raise ValueError(f"{directory} is not a folder")
     for path in paths:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ValueError(f"{path} is not a regular file")
@@ -523,10 +519,9 @@ def read_adapter_folder(directory):
 
 @contextlib.contextmanager
 def atomic_files(paths, mode="wb", replace=True, follow_links=True):
-    """Files to write, each renamed to its path once all are written and on disk: a reader sees the old files or the
-    new ones, never a part, and a failure leaves the old ones whole, no temporary behind. Temporary names are unique
-    to the process and the call; permissions are the umask's. replace=False never replaces an existing path
-    (FileExistsError). follow_links writes a symbolic link's target; without it the link itself is replaced."""
+    """Files to write, each renamed to its path once all are on disk: a reader sees the old files or the new ones, a
+    failure leaves the old. replace=False: FileExistsError, never a replace. follow_links=False replaces a symbolic
+    link itself, not its target. The temporaries get the umask's permissions."""
     paths = [os.path.realpath(p) if follow_links else os.path.abspath(p) for p in paths]
     temporaries = [f"{p}.{os.getpid()}.{os.urandom(4).hex()}.tmp" for p in paths]
     try:
@@ -590,8 +585,7 @@ def load_adapter(model, directory):
     for k, tensor in weights.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", k)
         if not match or match[1] not in targets:
-            raise ValueError(f"{directory}: the key {k} names no nn.Linear of the model in target_modules (less "
-                             f"exclude_modules)")
+            raise ValueError(f"{directory}: the key {k} names no nn.Linear of the model in target_modules")
         names.setdefault(match[1], {})[match[2]] = tensor
     idle = [n for n in targets if n not in names]
     if idle:

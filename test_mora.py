@@ -787,7 +787,7 @@ OTHER = {f"base_model.model.other.lora_{x}.weight": torch.ones(3, 3) for x in "A
     (lambda c, w: w.update(OTHER), "the key base_model.model.other.lora_A.weight names no nn.Linear"),  # all loaded
     (lambda c, w: w.update(OTHER) or c.update(target_modules="l.*"), "the key base_model.model.other.lora_A.weight"),
     (lambda c, w: w.update(OTHER) or c.update(target_modules=["lin", "other"], exclude_modules=["other"]),
-     "the key base_model.model.other.lora_A.weight names no nn.Linear of the model in target_modules"),
+     "the key base_model.model.other.lora_A.weight names no nn.Linear of the model in target_modules"),  # excluded
     (lambda c, w: c.update(r=2), r"lin.lora_A, torch.float32 of shape \(3, 3\), where the layer wants \(4, 4\)"),
     (lambda c, w: w.update({k: torch.ones(3, 3, dtype=torch.int64) for k in w}),
      r"lin.lora_A, torch.int64 of shape \(3, 3\), where the layer wants \(3, 3\) finite floating"),
@@ -839,8 +839,8 @@ def test_a_damaged_folder_is_one_error_naming_the_file(tmp_path, spoil, message)
     model = nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4)))
     with pytest.raises((ValueError, OSError), match=message):
         mora.load_adapter(model, tmp_path)
-    with pytest.raises(ValueError, match="adapter_config.json is not a folder"):
-        mora.load_adapter(model, tmp_path / "adapter_config.json")
+    with pytest.raises(NotADirectoryError, match="Not a directory: .*adapter_model.safetensors/adapter_config.json"):
+        mora.load_adapter(model, tmp_path / "adapter_model.safetensors")  # a file as the folder
     assert not mora.adapter_layers(model)
 
 
