@@ -21,7 +21,7 @@ sys.excepthook = _excepthook  # set before the heavy imports below; a script imp
 import torch
 import torch.nn as nn
 
-from mora import DEFAULT_TARGETS, AdapterLinear, matches
+from mora import DEFAULT_TARGETS, AdapterLinear, atomic_files, matches
 
 try:
     import fcntl  # file locks (POSIX); elsewhere two runs on one JSON are not guarded
@@ -184,8 +184,9 @@ def check_outputs(parser, files=(), folders=(), planned=(), runs=None):
         if kind == "planned":
             continue
         is_folder = kind == "folder"
-        if is_folder and os.path.exists(path) and not os.path.isdir(path) or not is_folder and os.path.isdir(path):
-            parser.error(f"{name} {path}: " + ("is a file, not a folder" if is_folder else "is a folder"))
+        if os.path.exists(path) and not (os.path.isdir if is_folder else os.path.isfile)(path):  # a FIFO would block
+            parser.error(f"{name} {path}: " + ("is a file, not a folder" if is_folder else "is a folder"
+                                               if os.path.isdir(path) else "is not a regular file"))
         parent = real if is_folder else os.path.dirname(real)
         while is_folder and not os.path.exists(parent):  # a folder is made, with its parents; a file's must exist
             parent = os.path.dirname(parent)
@@ -206,27 +207,6 @@ def read_checkpoint(path, hint):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # empty, cut, foreign, or pickled code
         raise Fail(f"{path} is not a readable checkpoint ({why(e)}); {hint}") from None
-
-@contextlib.contextmanager
-def atomic_file(path, mode="wb", replace=True):
-    """A file to write, renamed to path once whole: a reader sees the old file or the new one, never a part.
-    Its temporary name is unique to the process and the call; its permissions are the umask's. With
-    replace=False an existing path is never replaced (FileExistsError). A symbolic link's target is written."""
-    path = os.path.realpath(path)
-    temporary = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    with open(os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), mode) as f:
-        try:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        except BaseException:
-            os.unlink(temporary)
-            raise
-    try:
-        os.replace(temporary, path) if replace else os.link(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
 
 def read_runs(path):
     """The runs JSON at path, {"runs": [...], "script": the script that wrote them}; none yet if there is no file.
@@ -255,7 +235,7 @@ def save_runs(path, runs):
             fcntl.flock(folder, fcntl.LOCK_EX)  # closing the folder releases it
         doc = read_runs(path)
         doc["runs"] = [r for r in doc["runs"] if key(r) not in {key(new) for new in runs}] + runs
-        with atomic_file(path, "w") as f:
+        with atomic_files([path], "w") as (f,):
             json.dump(doc, f, indent=1)
     finally:
         os.close(folder)
@@ -314,7 +294,7 @@ def plot(series, path, ylabel):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_file(path) as f:
+    with atomic_files([path]) as (f,):
         fig.savefig(f, format=os.path.splitext(path)[1][1:].lower(), dpi=120)
     plt.close(fig)
     print(f"wrote {path}")

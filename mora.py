@@ -12,7 +12,7 @@ Notation (the paper's): a frozen nn.Linear W0 of shape (d, k), d = out_features,
 an adapter adds dW x to W0 x.
 """
 
-import contextlib, functools, json, math, os, re, warnings
+import contextlib, functools, json, math, os, re, stat, warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,7 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"dropout must be a number from 0 to below 1, got {dropout!r}")
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the adapter's input only
         self.merged = self.disabled = False
+        self.reinits = 0  # merge_and_reinit calls: W0 holds what the adapter learnt before
 
     # PEFT's conventions: the layer reports its base layer's shape, weight and bias
     in_features = property(lambda self: self.base.in_features)
@@ -61,11 +62,13 @@ class AdapterLinear(nn.Module):
         """ReLoRA / ReMoRA (Sec. 5.3): fold dW into W0 for good, then start a fresh adapter."""
         if not self.merged:
             self.merge()
-        self.merged = False
+        self.merged, self.reinits = False, self.reinits + 1
         self.reset_adapter()
 
     @torch.no_grad()
     def _fold(self, merge):
+        if self.disabled:  # inside disable_adapters: merging would put the adapter into the outputs
+            raise ValueError(f"{'merge' if merge else 'unmerge'} inside disable_adapters is refused")
         if merge == self.merged:
             return warnings.warn(f"adapter already {'merged' if merge else 'unmerged'}; nothing done", stacklevel=3)
         self.base.weight.copy_(self.folded(merge))
@@ -427,8 +430,10 @@ def check_states(model, state_dict, prefix, *args):  # apply_adapters' hook: a l
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Inside, every adapter layer computes W0 x alone (PEFT's disable_adapter()): the base model, for free."""
+    """Inside, every adapter layer computes W0 x alone (PEFT's disable_adapter()): the base model, for free. Leaving
+    restores each layer's state as found, so blocks nest; merging inside is refused."""
     layers = [layer for _, layer in adapter_layers(model)]
+    found = [layer.disabled for layer in layers]
     if any(layer.merged for layer in layers):
         raise ValueError("disable_adapters needs unmerged adapters (a merged one lives in its base weight)")
     try:
@@ -436,8 +441,8 @@ def disable_adapters(model):
             layer.disabled = True
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
+        for layer, disabled in zip(layers, found):
+            layer.disabled = disabled
 
 
 def _replace(model, name, module):
@@ -485,9 +490,86 @@ def load_adapter_state_dict(model, state_dict):
 
 
 # Adapters that travel: PEFT's folder, as stock PEFT writes LoRA and the official fork MoRA (M as lora_A and lora_B)
-NOT_HONOURED = ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "fan_in_fan_out",
-                "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices")
-ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float8 has no isfinite
+
+
+def is_targets(value):  # PEFT's target_modules and exclude_modules: a list of suffixes, or a regex matched in full
+    if isinstance(value, list):
+        return all(isinstance(t, str) for t in value)
+    with contextlib.suppress(re.error, RecursionError, TypeError):  # TypeError: neither a list nor a string
+        return value is None or bool(re.compile(value))
+    return False
+
+
+def targeted(name, targets):
+    return bool(re.fullmatch(targets, name)) if isinstance(targets, str) else matches(name, targets or ())
+
+
+# What an adapter_config.json may ask (MORA_SPEC 4c): the fields honoured here, metadata, PEFT's defaults of unused
+# features. Any other field holding a value (not null, false or empty) may change what the weights mean: refused.
+one_of, ANY = lambda *values: lambda v: v in values, lambda v: True
+UNUSED = lambda v: v is None or v is False or v in ("", [], {})
+CONFIG_FIELDS = {
+    "peft_type": one_of("LORA"), "r": lambda v: type(v) is int and v > 0, "bias": one_of("none"),
+    "lora_alpha": lambda v: type(v) in (int, float) and 0 < v < math.inf,
+    "lora_dropout": lambda v: type(v) in (int, float) and 0 <= v < 1, "use_rslora": one_of(True, False),
+    "target_modules": is_targets, "exclude_modules": is_targets, "use_mora": one_of(True, False),
+    "mora_type": lambda v: v is None or type(v) is int and v in OFFICIAL_TYPES, "mora_variant": one_of(*VARIANTS),
+    "init_lora_weights": one_of(True, False, "gaussian"),  # how training began: the saved A and B are what they are
+    **dict.fromkeys(("task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                     "peft_version"), ANY),
+    "megatron_core": one_of("megatron.core"), "qalora_group_size": one_of(16),
+    "runtime_config": one_of({"ephemeral_gpu_offload": False}),
+}
+
+
+def read_adapter_folder(directory):
+    """The config and weights of a PEFT folder, read whole first. A file that is not regular (a FIFO would block), UTF-8
+    JSON asking what CONFIG_FIELDS allows, or safetensors is one ValueError naming it."""
+    paths = [os.path.join(directory, name) for name in ADAPTER_FILES]
+    for path in paths:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+    try:
+        with open(paths[0], encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, RecursionError) as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{paths[0]} is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{paths[0]} holds no JSON object")
+    bad = next((k for k, v in config.items() if not CONFIG_FIELDS.get(k, UNUSED)(v)), None)
+    if bad is not None:
+        raise ValueError(f"{paths[0]}: {bad} {config[bad]!r:.80} is not honoured here")
+    from safetensors.torch import load_file  # only now: a config refused above needs no safetensors
+    try:
+        weights = load_file(paths[1])
+    except Exception as e:  # safetensors' own error (SafetensorError): a cut or foreign file
+        raise ValueError(f"{paths[1]} is not a readable safetensors file: {e}") from None
+    return config, weights
+
+
+@contextlib.contextmanager
+def atomic_files(paths, mode="wb", replace=True, follow_links=True):
+    """Files to write, each renamed to its path once all are on disk: a reader sees the old files or the new ones, a
+    failure leaves the old. replace=False: FileExistsError, never a replace. follow_links=False replaces a symbolic
+    link itself, not its target. The temporaries get the umask's permissions."""
+    paths = [os.path.realpath(p) if follow_links else os.path.abspath(p) for p in paths]
+    temporaries = [f"{p}.{os.getpid()}.{os.urandom(4).hex()}.tmp" for p in paths]
+    try:
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(os.open(t, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), mode))
+                     for t in temporaries]
+            yield files
+            for f in files:
+                f.flush()
+                os.fsync(f.fileno())
+        for temporary, path in zip(temporaries, paths):
+            os.replace(temporary, path) if replace else os.link(temporary, path)
+    finally:
+        for temporary in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
 
 
 def save_adapter(model, directory):
@@ -495,9 +577,17 @@ def save_adapter(model, directory):
     mora_type). Truncation and decoupling have no official number: they are saved under this project's own key
     mora_variant, which the fork does not read. Needs one setting for all layers and the safetensors package."""
     layers, state = adapter_layers(model), adapter_state_dict(model)  # refuses merged adapters
-    kinds = {(type(layer), layer.r, tuple(layer.settings)) for _, layer in layers}
+    kinds = {(type(layer), layer.r, tuple(layer.settings), getattr(layer.dropout, "p", 0.0)) for _, layer in layers}
     if len(kinds) != 1:
-        raise ValueError(f"save_adapter needs one kind, rank and setting for all adapters, got {len(kinds)}")
+        raise ValueError(f"save_adapter needs one kind, rank, setting and dropout for all adapters, got {len(kinds)}")
+    adapters = {id(p) for _, layer in layers for p in layer.parameters()}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
+    if others:
+        warnings.warn(f"{others[0]} and {len(others) - 1} other trainable parameters are no adapter's: not saved",
+                      stacklevel=2)
+    if any(layer.reinits for _, layer in layers):
+        warnings.warn("merge_and_reinit moved earlier updates into the base weights: the folder reproduces this model "
+                      "on those, not on the original base", stacklevel=2)
     first, key = layers[0][1], "base_model.model.{}.lora_{}.weight"
     config = {"peft_type": "LORA", "r": first.r, "lora_alpha": getattr(first, "alpha", first.r), "lora_dropout":
               getattr(first.dropout, "p", 0.0), "target_modules": [n for n, _ in layers], "bias": "none",
@@ -508,54 +598,47 @@ def save_adapter(model, directory):
         tensors = {key.format(n, ab): state[f"{n}.M"].detach().clone() for n, _ in layers for ab in "AB"}
     else:
         tensors = {key.format(n, ab): state[f"{n}.{ab}"].detach().contiguous() for n, _ in layers for ab in "AB"}
-    from safetensors.torch import save_file  # only now: what is refused above needs no safetensors
+    from safetensors.torch import save  # only now: what is refused above needs no safetensors
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, ADAPTER_FILE))
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    with atomic_files([os.path.join(directory, n) for n in ADAPTER_FILES], follow_links=False) as (json_file, st_file):
+        json_file.write(json.dumps(config, indent=2).encode())  # a link in the folder is replaced, not followed
+        st_file.write(save(tensors))
 
 
 def load_adapter(model, directory):
     """Put the adapters of a PEFT folder, stock LoRA (any alpha, rsLoRA) or official MoRA (types 1, 2, 3, 4, 6), on the
     modules its keys name, load their weights and return the model: its outputs are those of the model saved. What
-    would load wrongly without a word is a ValueError, before any change: a key that names no module, a target that
-    gets no weights, a shape that differs, an unknown mora_type, a setting that changes what the weights mean."""
-    from safetensors.torch import load_file
-    with open(os.path.join(directory, "adapter_config.json")) as f:
-        config = json.load(f)
-    if not isinstance(config, dict):
-        raise ValueError(f"{directory}: adapter_config.json holds no JSON object")
-    weights, modules, names = load_file(os.path.join(directory, ADAPTER_FILE)), dict(model.named_modules()), {}
-    bad = [k for k in NOT_HONOURED if config.get(k)] + ["bias"] * (config.get("bias", "none") != "none")
-    r, alpha, targets = config.get("r"), config.get("lora_alpha", 8), config.get("target_modules") or []
-    if config.get("peft_type", "LORA") != "LORA" or bad or not (type(r) is int and r > 0) or alpha is None:
-        what = bad[0] if bad else f"peft_type {config.get('peft_type')!r}, r {r!r} or lora_alpha {alpha!r}"
-        raise ValueError(f"{directory}: {what} is not honoured here (LORA, an integer r > 0, a number)")
+    would load wrongly without a word is a ValueError, before any change: a config field not honoured here, a key that
+    names no target, a target that gets no weights, a shape that differs."""
+    config, weights = read_adapter_folder(directory)
+    modules, names = dict(model.named_modules()), {}
+    targets = [n for n, m in modules.items() if isinstance(m, nn.Linear) and targeted(n, config.get("target_modules"))
+               and not targeted(n, config.get("exclude_modules"))]
     for k, tensor in weights.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", k)
-        if not match or not isinstance(modules.get(match[1]), nn.Linear):
-            raise ValueError(f"{directory}: the key {k} names no nn.Linear of the model")
+        if not match or match[1] not in targets:
+            raise ValueError(f"{directory}: the key {k} names no nn.Linear of the model in target_modules")
         names.setdefault(match[1], {})[match[2]] = tensor
-    idle = [n for n in modules if n not in names and (re.fullmatch(targets, n) if isinstance(targets, str) else
-                                                     matches(n, targets))]
+    idle = [n for n in targets if n not in names]
     if idle:
         raise ValueError(f"{directory}: the target module {idle[0]} gets no weights")
-    variant = config.get("mora_variant", config.get("mora_type", 1))
+    r, variant = config.get("r", 8), config.get("mora_variant", config.get("mora_type", 1))
     mora = config.get("use_mora") or "mora_variant" in config
-    if mora and not (type(variant) is int and variant in OFFICIAL_TYPES or variant in VARIANTS):
-        raise ValueError(f"{directory}: unknown mora_type {variant!r}; the official ones are 1, 2, 3, 4 and 6")
+    if mora and variant is None:
+        raise ValueError(f"{directory}: use_mora without a mora_type")
     for n, ab in names.items():
         k, d = modules[n].in_features, modules[n].out_features
         want = dict.fromkeys("AB", (mora_rank(k, d, r, variant),) * 2) if mora else {"A": (r, k), "B": (d, r)}
         for x, t in ab.items():
-            if tuple(t.shape) != want[x] or not torch.isfinite(t).all():
-                raise ValueError(f"{directory}: {n}.lora_{x}, shape {tuple(t.shape)}, where the layer wants {want[x]}"
-                                 f" and finite numbers")
+            if tuple(t.shape) != want[x] or t.dtype not in FLOATS or not torch.isfinite(t).all():
+                raise ValueError(f"{directory}: {n}.lora_{x}, {t.dtype} of shape {tuple(t.shape)}, where the layer "
+                                 f"wants {want[x]} finite floating-point numbers")
         if not mora and len(ab) == 1:
             raise ValueError(f"{directory}: {n}.lora_{'B' if 'A' in ab else 'A'} is missing (LoRA needs both)")
         if mora and len(ab) == 2 and not torch.equal(ab["A"], ab["B"]):
             raise ValueError(f"{directory}: {n}.lora_B differs from lora_A (the fork saves M twice)")
-    settings = {"variant": variant} if mora else {"alpha": alpha, "use_rslora": config.get("use_rslora", False)}
+    settings = {"variant": variant} if mora else {"alpha": config.get("lora_alpha", 8),
+                                                  "use_rslora": config.get("use_rslora", False)}
     apply_adapters(model, "mora" if mora else "lora", r=r, targets=list(names), dropout=config.get("lora_dropout", 0),
                    **settings)
     state = {f"{n}." + ("M" if mora else x): t for n, ab in names.items() for x, t in ab.items()}

@@ -786,29 +786,46 @@ def test_official_folders_load_by_the_spec(tmp_path, mora_type, variant, M):
 
 def test_an_official_folder_with_m_as_lora_b_alone_loads(tmp_path):
     pytest.importorskip("safetensors")
-    M = {"base_model.model.lin.lora_B.weight": torch.tensor(M3)}
+    M = {"base_model.model.lin.lora_B.weight": torch.tensor(M3, dtype=torch.float32)}
     write_official_folder(tmp_path, {"use_mora": True, "r": 1}, M)
     layer = mora.load_adapter(nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4))), tmp_path).lin
     assert torch.allclose(layer.get_delta_weight(), torch.tensor(HAND["sharing"]).float())
 
 
+OTHER = {f"base_model.model.other.lora_{x}.weight": torch.ones(3, 3) for x in "AB"}  # r^ = 3 for other (4, 4) too
+
+
 @pytest.mark.parametrize("change,message", [
-    (lambda c, w: c.update(mora_type=5), "unknown mora_type 5"),
-    (lambda c, w: c.update(mora_type="1"), "unknown mora_type '1'"),  # a JSON integer
-    (lambda c, w: c.update(use_dora=True), "use_dora is not honoured"),
-    (lambda c, w: c.update(rank_pattern={"lin": 4}), "rank_pattern is not honoured"),
-    (lambda c, w: c.update(bias="all"), "bias is not honoured"),
-    (lambda c, w: c.update(modules_to_save=["head"]), "modules_to_save is not honoured"),
-    (lambda c, w: c.update(r=2), r"lin.lora_A, shape \(3, 3\), where the layer wants \(4, 4\)"),  # r is LoRA's r
+    (lambda c, w: c.update(mora_type=5), "mora_type 5 is not honoured"),
+    (lambda c, w: c.update(mora_type="1"), "mora_type '1' is not honoured"),  # a JSON integer
+    (lambda c, w: c.update(use_dora=True), "use_dora True is not honoured"),
+    (lambda c, w: c.update(rank_pattern={"lin": 4}), "rank_pattern {'lin': 4} is not honoured"),
+    (lambda c, w: c.update(bias="all"), "bias 'all' is not honoured"),
+    (lambda c, w: c.update(modules_to_save=["head"]), r"modules_to_save \['head'\] is not honoured"),
+    (lambda c, w: c.update(init_lora_weights="pissa"), "init_lora_weights 'pissa' is not honoured"),  # moves W0
+    (lambda c, w: c.update(init_lora_weights="olora"), "init_lora_weights 'olora' is not honoured"),
+    (lambda c, w: c.update(alora_invocation_tokens=[5]), r"alora_invocation_tokens \[5\] is not honoured"),
+    (lambda c, w: c.update(use_qalora=True), "use_qalora True is not honoured"),  # pools the input
+    (lambda c, w: c.update(layers_to_transform=0), "layers_to_transform 0 is not honoured"),  # 0: layer 0 only
+    (lambda c, w: c.update(use_a_later_feature="yes"), "use_a_later_feature 'yes' is not honoured"),
+    (lambda c, w: c.update(target_modules=5), "target_modules 5 is not honoured"),
+    (lambda c, w: c.update(target_modules="lin("), r"target_modules 'lin\(' is not honoured"),  # not a regex
+    (lambda c, w: w.update(OTHER), "the key base_model.model.other.lora_A.weight names no nn.Linear"),  # all loaded
+    (lambda c, w: w.update(OTHER) or c.update(target_modules="l.*"), "the key base_model.model.other.lora_A.weight"),
+    (lambda c, w: w.update(OTHER) or c.update(target_modules=["lin", "other"], exclude_modules=["other"]),
+     "the key base_model.model.other.lora_A.weight names no nn.Linear of the model in target_modules"),  # excluded
+    (lambda c, w: c.update(r=2), r"lin.lora_A, torch.float32 of shape \(3, 3\), where the layer wants \(4, 4\)"),
+    (lambda c, w: w.update({k: torch.ones(3, 3, dtype=torch.int64) for k in w}),
+     r"lin.lora_A, torch.int64 of shape \(3, 3\), where the layer wants \(3, 3\) finite floating"),
     (lambda c, w: w.update({"base_model.model.lin.lora_B.weight": torch.zeros(3, 3)}), "differs from lora_A"),
     (lambda c, w: w.update({"model.lin.lora_A.weight": w.pop("base_model.model.lin.lora_A.weight")}),
      "the key model.lin.lora_A.weight names no nn.Linear"),  # a wrong prefix loaded nothing, M stayed zero
     (lambda c, w: c.update(target_modules=["lin", "other"]), "the target module other gets no weights"),
     (lambda c, w: w.update({f"base_model.model.lin.lora_{x}.weight": torch.full((3, 3), math.nan) for x in "AB"}),
-     r"lin.lora_A, shape \(3, 3\), where the layer wants \(3, 3\) and finite numbers"),  # it left the adapters on
+     r"lin.lora_A, torch.float32 of shape \(3, 3\), where the layer wants \(3, 3\) finite"),  # it left them on
     (lambda c, w: c.update(lora_alpha=None), "lora_alpha None is not honoured"),  # it became alpha = r
-    (lambda c, w: c.update(r=1.0), "r 1.0 or"),
-    (lambda c, w: c.update(lora_dropout="0.1"), "dropout must be a number"),
+    (lambda c, w: c.update(r=1.0), "r 1.0 is not honoured"),
+    (lambda c, w: c.update(lora_dropout="0.1"), "lora_dropout '0.1' is not honoured"),
     (lambda c, w: [c], "adapter_config.json holds no JSON object"),
 ])
 def test_what_would_load_wrongly_is_refused_before_any_change(tmp_path, change, message):
@@ -821,6 +838,48 @@ def test_what_would_load_wrongly_is_refused_before_any_change(tmp_path, change, 
     with pytest.raises(ValueError, match=message):
         mora.load_adapter(model, tmp_path)
     assert not mora.adapter_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def fifo(path):
+    os.remove(path)
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("spoil,message", [
+    (lambda d: (d / "adapter_config.json").write_bytes(b'{"r": 1,'), "adapter_config.json is not JSON"),
+    (lambda d: (d / "adapter_config.json").write_bytes(b'{"r": "\xff"}'), "adapter_config.json is not JSON: 'utf-8'"),
+    (lambda d: (d / "adapter_config.json").write_text("[" * 100_000), "adapter_config.json is not JSON"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:-4]),
+     "adapter_model.safetensors is not a readable safetensors file"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"garbage"), "is not a readable safetensors file"),
+    (lambda d: fifo(d / "adapter_config.json"), "adapter_config.json is not a regular file"),  # it blocked
+    (lambda d: fifo(d / "adapter_model.safetensors"), "adapter_model.safetensors is not a regular file"),
+    (lambda d: os.remove(d / "adapter_config.json") or os.symlink("adapter_config.json", d / "adapter_config.json"),
+     "Too many levels of symbolic links: .*adapter_config.json"),
+])
+def test_a_damaged_folder_is_one_error_naming_the_file(tmp_path, spoil, message):
+    pytest.importorskip("safetensors")
+    M = {f"base_model.model.lin.lora_{x}.weight": torch.ones(3, 3) for x in "AB"}
+    write_official_folder(tmp_path, {"use_mora": True, "r": 1}, M)
+    spoil(tmp_path)
+    model = nn.Sequential(collections.OrderedDict(lin=nn.Linear(6, 4)))
+    with pytest.raises((ValueError, OSError), match=message):
+        mora.load_adapter(model, tmp_path)
+    with pytest.raises(NotADirectoryError, match="Not a directory: .*adapter_model.safetensors/adapter_config.json"):
+        mora.load_adapter(model, tmp_path / "adapter_model.safetensors")  # a file as the folder
+    assert not mora.adapter_layers(model)
+
+
+@pytest.mark.parametrize("exclude", [["model.layers.0.self_attn.q_proj"], r".*\.0\.self_attn\.q_proj"])
+def test_a_stock_peft_folder_with_exclude_modules_loads_exactly(tmp_path, exclude):
+    peft = pytest.importorskip("peft")
+    theirs = randomise_adapters(peft.get_peft_model(hf_llama(), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"], exclude_modules=exclude, task_type="CAUSAL_LM")))
+    theirs.save_pretrained(tmp_path)
+    ours = mora.load_adapter(hf_llama(), tmp_path)
+    adapted = [n for n, _ in mora.adapter_layers(ours)]
+    assert adapted == [f"model.layers.{i}.self_attn.{p}_proj" for i, p in [(0, "v"), (1, "q"), (1, "v")]]
+    assert torch.allclose(ours(IDX).logits, theirs(IDX).logits, atol=1e-5)
 
 
 def test_a_lora_folder_without_lora_b_is_refused_before_any_change(tmp_path):
@@ -838,9 +897,50 @@ def test_save_adapter_refuses_merged_or_mixed_adapters(tmp_path):
     with pytest.raises(ValueError, match="unmerge"):
         mora.save_adapter(model, tmp_path / "a")
     mixed = apply_adapters(apply_adapters(tiny_model(), "lora", r=2, targets=("q",)), "mora", r=2, targets=("v",))
-    with pytest.raises(ValueError, match="one kind, rank and setting"):
+    with pytest.raises(ValueError, match="one kind, rank, setting and dropout"):
         mora.save_adapter(mixed, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("broken", ["json", "fsync"])  # the config cannot be made; the disk fills before the rename
+def test_a_failed_save_leaves_the_old_adapter_whole(tmp_path, monkeypatch, broken):
+    pytest.importorskip("safetensors")
+    idx, full = torch.randint(0, 37, (2, 12)), OSError(28, "No space left on device")
+    mora.save_adapter(randomise_adapters(apply_adapters(tiny_model(), "mora", r=2)), tmp_path)
+    before = mora.load_adapter(tiny_model(), tmp_path)(idx)[0]
+    monkeypatch.setattr(*(mora, "json", mock.Mock(**{"dump.side_effect": full, "dumps.side_effect": full}))
+                        if broken == "json" else (mora.os, "fsync", mock.Mock(side_effect=full)))
+    with pytest.raises(OSError, match="No space"):
+        mora.save_adapter(randomise_adapters(apply_adapters(tiny_model(), "lora", r=4), 1.0), tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == sorted(mora.ADAPTER_FILES)  # no temporary left behind
+    assert torch.equal(mora.load_adapter(tiny_model(), tmp_path)(idx)[0], before)
+
+
+def test_save_adapter_replaces_a_link_in_the_folder_and_leaves_its_target(tmp_path):
+    pytest.importorskip("safetensors")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "mine.json").write_text("mine")
+    os.symlink(tmp_path / "mine.json", tmp_path / "adapter" / "adapter_config.json")
+    mora.save_adapter(apply_adapters(tiny_model(), "lora", r=2), tmp_path / "adapter")
+    assert (tmp_path / "mine.json").read_text() == "mine"
+    assert not os.path.islink(tmp_path / "adapter" / "adapter_config.json")
+
+
+def test_save_adapter_refuses_mixed_dropouts_and_warns_what_the_folder_leaves_out(tmp_path):
+    pytest.importorskip("safetensors")
+    mixed = apply_adapters(apply_adapters(tiny_model(), "lora", r=2, targets=("q",)), "lora", r=2, targets=("v",),
+                           dropout=0.1)
+    with pytest.raises(ValueError, match="one kind, rank, setting and dropout"):  # one lora_dropout was written
+        mora.save_adapter(mixed, tmp_path / "a")
+    model = apply_adapters(tiny_model(), "lora", r=2)
+    model.embed.requires_grad_(True)
+    with pytest.warns(UserWarning, match="embed.weight and 0 other trainable parameters are no adapter's"):
+        mora.save_adapter(model, tmp_path / "b")
+    model.embed.requires_grad_(False)
+    model.layers[0].attn.q.merge_and_reinit()  # ReLoRA: the base weight now holds the first update
+    with pytest.warns(UserWarning, match="reproduces this model on those, not on the original base"):
+        mora.save_adapter(model, tmp_path / "c")
 
 
 def test_a_plain_from_pretrained_of_an_unmerged_save_fails_loudly(tmp_path):
@@ -879,6 +979,19 @@ def test_disable_adapters_computes_the_base_alone():
     adapted = model(idx)[0]
     with mora.disable_adapters(model):
         assert torch.equal(model(idx)[0], base)
+    assert torch.equal(model(idx)[0], adapted) and not torch.equal(adapted, base)
+
+
+def test_disable_adapters_nest_and_refuse_merging_inside():
+    model, idx = randomise_adapters(apply_adapters(tiny_model(), "lora", r=2)), torch.randint(0, 37, (2, 12))
+    adapted = model(idx)[0]
+    with mora.disable_adapters(model):
+        base = model(idx)[0]
+        with mora.disable_adapters(model):
+            pass
+        assert torch.equal(model(idx)[0], base)  # the inner block left the adapters off
+        with pytest.raises(ValueError, match="merge inside disable_adapters is refused"):
+            model.layers[0].attn.q.merge()
     assert torch.equal(model(idx)[0], adapted) and not torch.equal(adapted, base)
 
 
@@ -1005,18 +1118,18 @@ def test_lr_schedule_by_hand():
 def test_outputs_are_atomic_never_replaced_when_asked_and_get_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        with common.atomic_file(tmp_path / "a.bin") as f:
+        with common.atomic_files([tmp_path / "a.bin"]) as (f,):
             f.write(b"one")
         assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o644  # tempfile made them 0600
-        with pytest.raises(RuntimeError), common.atomic_file(tmp_path / "a.bin") as f:
+        with pytest.raises(RuntimeError), common.atomic_files([tmp_path / "a.bin"]) as (f,):
             f.write(b"half")
             raise RuntimeError  # a crash mid-write: the old file stays whole, no temporary is left
         assert (tmp_path / "a.bin").read_bytes() == b"one" and os.listdir(tmp_path) == ["a.bin"]
-        with pytest.raises(FileExistsError), common.atomic_file(tmp_path / "a.bin", replace=False) as f:
+        with pytest.raises(FileExistsError), common.atomic_files([tmp_path / "a.bin"], replace=False) as (f,):
             f.write(b"two")
         assert (tmp_path / "a.bin").read_bytes() == b"one" and os.listdir(tmp_path) == ["a.bin"]
         os.symlink("a.bin", tmp_path / "link.bin")
-        with common.atomic_file(tmp_path / "link.bin") as f:  # the link's target is written, the link stays
+        with common.atomic_files([tmp_path / "link.bin"]) as (f,):  # the link's target is written, the link stays
             f.write(b"three")
         assert os.path.islink(tmp_path / "link.bin") and (tmp_path / "a.bin").read_bytes() == b"three"
     finally:
@@ -1158,6 +1271,7 @@ def test_uuid_a_seed_alone_gives_what_it_gives_among_others(tmp_path):
     (["--plot", "test_mora.py/p.png"], "cannot write in"),
     (["--json", ""], "--json: expected a path, got ''"),
     (["--plot", "."], "--plot .: is a folder"),
+    (["--json", "/dev/null"], "--json /dev/null: is not a regular file"),
     (["--json", "x.json", "--plot", "x.json"], "--plot x.json: the same path as --json"),
     (["--plot", "acc.txt"], "name a .png, .pdf, .svg or .jpg file"),
     (["--out", "test_mora.py"], "--out test_mora.py: is a file, not a folder"),
@@ -1243,6 +1357,26 @@ def test_uuid_an_interrupted_job_keeps_its_runs_and_resumes(tmp_path, monkeypatc
     out.write_text(json.dumps(doc))
     with pytest.raises(common.Fail, match=r"--resume: the run FFT, seed 0 in .* is damaged \(TypeError"):
         train_uuid.main(job + ["--resume"])
+    doc["runs"][0]["accuracy"]["2"] = 250  # edited by hand: no accuracy is over 100
+    out.write_text(json.dumps(doc))
+    with pytest.raises(common.Fail, match=r"--resume: the run FFT, seed 0 in .* is damaged"):
+        train_uuid.main(job + ["--resume"])
+
+
+def test_uuid_a_model_file_that_cannot_be_written_names_it_and_keeps_the_figures(tmp_path, monkeypatch):
+    out, full = tmp_path / "runs.json", OSError(28, "No space left on device")
+    monkeypatch.setattr(train_uuid.torch, "save", mock.Mock(side_effect=full))
+    with pytest.raises(common.Fail, match=r"--out: cannot write .*fft_lr0.005_seed0.pt \(No space left on device\)"):
+        train_uuid.main(TINY_UUID_RUN + ["--method", "fft", "--json", str(out), "--out", str(tmp_path / "models")])
+    assert [r["settings"]["method"] for r in json.loads(out.read_text())["runs"]] == ["fft"]
+
+
+@pytest.mark.parametrize("script", [train_uuid, ttl, bench])
+def test_a_fifo_as_json_is_refused_at_start(tmp_path, script, capsys):
+    os.mkfifo(tmp_path / "runs.json")  # reading it waited forever for a writer
+    with pytest.raises(SystemExit):
+        script.parse_args(["--json", str(tmp_path / "runs.json")])
+    assert "is not a regular file" in capsys.readouterr().err
 
 
 def test_uuid_resume_with_nothing_to_take_says_so(tmp_path, capsys):

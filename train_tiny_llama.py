@@ -243,7 +243,7 @@ def load_data(args, enc, rank, log):
         tokens = tokenize(documents, enc, args.val_fraction, log)
         os.makedirs(folder, exist_ok=True)
         for split, part in zip(("train", "val"), tokens):  # each written whole; val.npy last marks a complete cache
-            with common.atomic_file(os.path.join(folder, f"{split}.npy")) as f:
+            with common.atomic_files([os.path.join(folder, f"{split}.npy")]) as (f,):
                 np.save(f, part)
     while not os.path.exists(os.path.join(folder, "val.npy")):  # the other processes wait for rank 0's cache,
         time.sleep(1)                                            # which can take longer than a collective's timeout
@@ -435,7 +435,7 @@ def save_checkpoint(path, state, batches, env):
         rng_states = [None] * env["world"]
         dist.all_gather_object(rng_states, batches.get_state())
     if env["rank"] == 0:
-        with common.atomic_file(path) as f:
+        with common.atomic_files([path]) as (f,):
             torch.save({**state, "batch_rng": rng_states}, f)
 
 def finish_run(raw, method, args, env, data, settings, curve, diverged, seconds):

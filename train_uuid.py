@@ -194,9 +194,14 @@ def train_one(settings, args, pretrained, progress):
     run.update(accuracy=accuracy, diverged=diverged, final_loss=None if diverged else last_loss,
                seconds=round(time.time() - t0, 1), base_bpb_after=None if diverged else skill(),
                update_rank=None if diverged else common.update_ranks(before, common.effective_weights(model)))
+    if args.json:  # the figures first: a model file that cannot be written loses none of them
+        common.save_runs(args.json, [run])
     if args.out and not diverged:  # never over another file (checked before training began)
-        with common.atomic_file(out_path(args, settings), replace=False) as f:
-            torch.save(model.state_dict(), f)
+        try:
+            with common.atomic_files([out_path(args, settings)], replace=False) as (f,):
+                torch.save(model.state_dict(), f)
+        except OSError as e:
+            raise Fail(f"--out: cannot write {out_path(args, settings)} ({e.strerror or e})") from None
     return run
 
 
@@ -319,7 +324,8 @@ def taken_run(run, args):
     try:
         acc, ranks = run["accuracy"], run["update_rank"]
         assert isinstance(run["trainable_params"], int) and (run["diverged"] or (
-            all(math.isfinite(acc[str(s)]) for s in args.eval_at) and all(int(s) > 0 for s in acc)
+            all(0 <= acc[str(s)] <= 100 for s in args.eval_at) and all(int(s) > 0 for s in acc)
+            and math.isfinite(run["final_loss"])
             and all(math.isfinite(c["above_threshold"]) for c in ranks.values())
             and (not args.init_from or math.isfinite(run["base_bpb_after"] - run["base_bpb_before"]))))
     except (AssertionError, KeyError, TypeError, AttributeError, ValueError) as e:
@@ -369,8 +375,6 @@ def main(argv=None):
                 print(f"\n== [{i + 1}/{len(todo)}] {label(settings)}, seed {settings['seed']}: taken from {args.json}")
                 continue
             runs.append(train_one(settings, args, pretrained, f"[{i + 1}/{len(todo)}] "))
-            if args.json:
-                common.save_runs(args.json, runs[-1:])
     report(runs, args)
     print(f"\n{len(runs)} runs in {common.format_time(time.time() - t0)}" + (f"; in {args.json}" if args.json else ""))
     return runs
