@@ -179,11 +179,8 @@ def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n
 def cyclic_pad(v, n):
     """v_(t mod len(v)) for t < n: the inputs padded with the first inputs again (x~, not zeros),
     and T (Eq. 6), out_i = y_(i mod r^), which also tiles the blocks of decoupling and rotation."""
-    whole, rest = divmod(n, v.shape[-1])
-    if whole == 0:
-        return v[..., :n]
-    tiled = v.unsqueeze(-2).expand(*v.shape[:-1], whole, -1).flatten(-2)  # a view of v where whole is 1
-    return torch.cat([tiled, v[..., :rest]], -1) if rest else tiled
+    copies = -(-n // v.shape[-1])
+    return v.unsqueeze(-2).expand(*v.shape[:-1], copies, -1).flatten(-2)[..., :n]  # a view of v where copies is 1
 
 
 def split_blocks(x, r_hat, n):  # decoupling and rotation: x~ cut into n blocks of r^
@@ -266,12 +263,12 @@ def block_product(z, blocks):  # y_i = B_i z_i for each block i: (..., n, r^) an
 
 class BlockProduct(torch.autograd.Function):
     """block_product(z, blocks(M)) with a backward of its own, the one speed-up of this file: plain autograd keeps
-    the n blocks M R_i for the backward, k r^ numbers (more than x itself at large r); this keeps z and M alone,
-    all MoRA needs for its gradients, and makes the blocks again (n r^^2 work, against T n r^^2 for the products)."""
+    the n blocks M R_i for the backward, k r^ numbers (more than x at large r); this keeps z and M alone, all MoRA
+    needs for its gradients, and makes the blocks again (n r^^2 work, against T n r^^2 for the products)."""
 
     @staticmethod
-    def forward(ctx, z, M, blocks):
-        ctx.save_for_backward(z, M)
+    def forward(ctx, z, M, blocks):  # z (..., n, r^); blocks(M): (n, r^, r^)
+        ctx.save_for_backward(z.contiguous(), M)  # compact: not the wider tensor a padded z is a view of
         ctx.blocks = blocks
         return block_product(z, blocks(M))
 
@@ -280,7 +277,7 @@ class BlockProduct(torch.autograd.Function):
         z, M = ctx.saved_tensors
         with torch.enable_grad():
             M = M.detach().requires_grad_()
-            B = ctx.blocks(M)  # (n, r^, r^)
+            B = ctx.blocks(M)
         grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2)) if ctx.needs_input_grad[0] else None
         grad_B = torch.einsum("...no,...ni->noi", grad, z.to(grad.dtype))  # summed over the tokens
         return grad_z, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
