@@ -179,8 +179,24 @@ def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n
 def cyclic_pad(v, n):
     """v_(t mod len(v)) for t < n: the inputs padded with the first inputs again (x~, not zeros),
     and T (Eq. 6), out_i = y_(i mod r^), which also tiles the blocks of decoupling and rotation."""
-    copies = -(-n // v.shape[-1])
-    return v.unsqueeze(-2).expand(*v.shape[:-1], copies, -1).flatten(-2)[..., :n]  # a view of v where copies is 1
+    return v[..., :n] if n <= v.shape[-1] else Tile.apply(v, n)
+
+
+class Tile(torch.autograd.Function):
+    """cyclic_pad that writes only its n values, and whose backward folds the gradient back in one pass: autograd's
+    own, of a wider tile cut to n, writes zeros and copies. The same sums, in the same order."""
+
+    @staticmethod
+    def forward(ctx, v, n):
+        ctx.length = v.shape[-1]
+        if n < 2 * ctx.length:  # x~: one wrap, written exactly
+            return torch.cat([v, v[..., :n - ctx.length]], -1)
+        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // ctx.length), -1).flatten(-2)[..., :n]  # T: many copies
+
+    @staticmethod
+    def backward(ctx, grad):  # the copies of each v_t added up
+        copies = -(-grad.shape[-1] // ctx.length)
+        return F.pad(grad, (0, copies * ctx.length - grad.shape[-1])).unflatten(-1, (copies, ctx.length)).sum(-2), None
 
 
 def split_blocks(x, r_hat, n):  # decoupling and rotation: x~ cut into n blocks of r^
@@ -262,25 +278,28 @@ def block_product(z, blocks):  # y_i = B_i z_i for each block i: (..., n, r^) an
 
 
 class BlockProduct(torch.autograd.Function):
-    """block_product(z, blocks(M)) with a backward of its own, the one speed-up of this file: plain autograd keeps
-    the n blocks M R_i for the backward, k r^ numbers (more than x at large r); this keeps z and M alone, all MoRA
-    needs for its gradients, and makes the blocks again (n r^^2 work, against T n r^^2 for the products)."""
+    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)) with a backward of its own, which keeps x and M
+    alone, all MoRA needs for its gradients: plain autograd keeps x~ (x padded to n r^, up to 1.5 x at r = 256) and
+    rotation's n blocks M R_i (k r^ numbers). The backward makes both again (T n r^ and n r^^2 work, against T n r^^2
+    for the products), through autograd, so that the gradients are the same to the last bit."""
 
     @staticmethod
-    def forward(ctx, z, M, blocks):  # z (..., n, r^); blocks(M): (n, r^, r^)
-        ctx.save_for_backward(z.contiguous(), M)  # compact: not the wider tensor a padded z is a view of
-        ctx.blocks = blocks
-        return block_product(z, blocks(M))
+    def forward(ctx, x, M, layer):
+        ctx.save_for_backward(x, M)
+        ctx.layer = layer
+        return block_product(split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M))
 
     @staticmethod
     def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
-        z, M = ctx.saved_tensors
+        (x, M), layer = ctx.saved_tensors, ctx.layer
         with torch.enable_grad():
-            M = M.detach().requires_grad_()
-            B = ctx.blocks(M)
-        grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2)) if ctx.needs_input_grad[0] else None
-        grad_B = torch.einsum("...no,...ni->noi", grad, z.to(grad.dtype))  # summed over the tokens
-        return grad_z, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
+            x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()
+            z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
+        grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2))
+        grad_B = torch.einsum("...no,...ni->noi", grad, z.detach().to(grad.dtype))  # summed over the tokens
+        if not x.requires_grad:
+            return None, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
+        return (*torch.autograd.grad((z, B), (x, M), (grad_z.to(z.dtype), grad_B.to(B.dtype))), None)
 
 
 class MoRALinear(AdapterLinear):
@@ -315,8 +334,11 @@ class MoRALinear(AdapterLinear):
 
     def update(self, x, M=None):  # f_decomp(M f_comp(x)): block i of f_comp(x) times its own M R_i
         f_comp, f_decomp = VARIANTS[self.variant]
-        z = f_comp(x, self.r_hat, self.n_blocks)  # (..., n, r^)
-        y = BlockProduct.apply(z, self.M if M is None else M, self.blocks)  # (..., n, r^)
+        M = self.M if M is None else M
+        if f_comp is split_blocks:  # the same product, with a backward that keeps less
+            y = BlockProduct.apply(x, M, self)
+        else:
+            y = block_product(f_comp(x, self.r_hat, self.n_blocks), self.blocks(M))  # (..., n, r^)
         return f_decomp(y.flatten(-2), self.out_features)
 
     def get_delta_weight(self):

@@ -247,22 +247,24 @@ def test_forward_and_gradients_match_reference(k, d, r, variant):
 
 
 @pytest.mark.parametrize("k,d,r", [(8, 8, 1), (13, 7, 1), (3, 17, 4)])  # r^ divides k and d; does not; r^ > k
-@pytest.mark.parametrize("variant", ["sharing", "sharing_gs_ri", "decoupling", "rotation"])
+@pytest.mark.parametrize("variant", ["decoupling", "rotation"])
 def test_the_block_products_own_backward_passes_gradcheck_and_equals_plain_autograd(k, d, r, variant):
     layer = make_mora(k, d, r, variant)
-    z = torch.randn(2, 3, layer.n_blocks, layer.r_hat, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
     M = layer.M.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda z, M: mora.BlockProduct.apply(z, M, layer.blocks), (z, M))
+    assert torch.autograd.gradcheck(lambda x, M: mora.BlockProduct.apply(x, M, layer), (x, M))
     g = torch.randn(2, 3, layer.n_blocks, layer.r_hat, dtype=torch.float64)
-    ours = torch.autograd.grad(mora.BlockProduct.apply(z, M, layer.blocks), (z, M), g)
-    plain = torch.autograd.grad(mora.block_product(z, layer.blocks(M)), (z, M), g)
-    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(ours, plain))
+    ours = torch.autograd.grad(mora.BlockProduct.apply(x, M, layer), (x, M), g)
+    z = mora.split_blocks(x, layer.r_hat, layer.n_blocks)
+    plain = torch.autograd.grad(mora.block_product(z, layer.blocks(M)), (x, M), g)
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain))  # to the last bit
 
 
+@pytest.mark.parametrize("k", [64, 48])  # r^ = 32 divides k; r^ = 28 does not: x~ is wider than x
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_backward_keeps_x_and_m_alone_where_r_hat_divides_k(variant):
-    layer = make_mora(64, 64, 8, variant)  # r^ = 32: two blocks for decoupling and rotation, views of x
-    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+def test_backward_keeps_no_more_than_x_and_m(variant, k):
+    layer = make_mora(k, k, 8, variant)
+    x = torch.randn(5, k, dtype=torch.float64, requires_grad=True)
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         layer.update(x)
