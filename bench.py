@@ -3,17 +3,15 @@ What MoRA costs next to LoRA:
 
   python bench.py                                  # one layer at LLaMA-7B's shapes, CPU, float32
   python bench.py --device cuda                    # GPU, bfloat16
-  python bench.py --model 60m --ranks 8 128        # whole training steps of this project's Llama
+  python bench.py --model 60m --ranks 8 128        # training steps of this project's Llama
   python bench.py --json bench.json                # also add every figure to a JSON file
 
-Layers: a frozen nn.Linear, adapted, forward + backward with the input requiring its gradient (as inside a
-network). Rows: the frozen layer, LoRA, every MoRA variant, and PEFT's LoRA and MiSS where peft is installed.
-Model: training steps (forward, backward, AdamW) of train_tiny_llama.py's model as it pretrains, batch 4 x 256
-tokens, vocabulary 4,096; each row in a process of its own, so that its peak memory is its own (peak MB: above
-what the process held before its first step; CPU: the resident set, CUDA: allocations).
-Columns: time as the median of --repeats samples (layers: taken round-robin, a row after the other, so that
-machine noise hits all rows alike); bound: the row's matrix products (FlopCounterMode) over LoRA's, the ratio
-that a perfect implementation would reach; saved MB: what autograd keeps for the backward pass.
+Layers: a frozen nn.Linear, adapted, forward + backward, the input requiring its gradient (as inside a network);
+rows: the frozen layer, LoRA, every MoRA variant, PEFT's LoRA and MiSS where peft is installed. Model: training
+steps of train_tiny_llama.py's model as it pretrains, batch 4 x 256 tokens, vocabulary 4,096. A time is the median
+of --repeats samples taken round-robin, so that machine noise hits all rows alike. bound: the row's matrix FLOPs
+(FlopCounterMode) over LoRA's; saved MB: what autograd keeps for the backward pass; peak MB: a row's steps in a
+process of their own, above what it held before them (CPU: the resident set; CUDA: allocations).
 """
 
 import argparse, collections, functools, math, multiprocessing, platform, statistics, time, types
@@ -33,19 +31,15 @@ MODEL_ROWS = {"full": ("full", None), "lora": ("lora", None), "mora sharing": ("
               "mora rotation": ("mora", "rotation")}  # row: (train_tiny_llama's method, variant)
 BATCH, SEQ_LEN, VOCAB = 4, 256, 4096
 
-def layer_spec(text):
-    """in_features:out_features:rank, three positive integers."""
-    k, d, r = (POSITIVE_INT(v) for v in text.split(":"))
-    return k, d, r
-
+LAYER = common.flag(lambda text: tuple(map(int, text.split(":"))), lambda v: len(v) == 3 and all(0 < n < 2 ** 31
+                    for n in v), "in:out:rank, three positive integers below 2**31")  # in_features:out_features:r
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     p.add_argument("--device", type=common.device, default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the layer, its adapter and the input, or "
                    "the model's autocast (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=THREADS, help="CPU threads for torch (default: torch's own choice)")
-    p.add_argument("--layers", nargs="+", type=common.flag(layer_spec, what="in:out:rank, positive integers"),
-                   default=[layer_spec(s) for s in DEFAULT_LAYERS], metavar="IN:OUT:R",
+    p.add_argument("--layers", nargs="+", type=LAYER, default=[LAYER(s) for s in DEFAULT_LAYERS], metavar="IN:OUT:R",
                    help=f"layers as in_features:out_features:rank (default: {' '.join(DEFAULT_LAYERS)})")
     p.add_argument("--tokens", type=POSITIVE_INT, default=2048, help="tokens T in one forward pass of a layer")
     p.add_argument("--model", choices=list(PRESETS), help="time training steps of the model at this preset instead")
@@ -105,6 +99,7 @@ def peft_layers(base, r):
     try:
         import peft
     except ImportError:
+        print("note: peft is not installed: no rows of its LoRA and MiSS (pip install peft)")
         return {}
     k, d = base.in_features, base.out_features
     wrap = lambda config: peft.get_peft_model(nn.Sequential(collections.OrderedDict(lin=base)), config)
@@ -135,12 +130,17 @@ def bench_layer(k, d, r, args):
     steps = {name: train_step(layer) for name, layer in layers.items()}
     work = {name: flops(step) for name, step in steps.items()}
     samples = {name: [s * 1e3 for s in samples] for name, samples in time_round_robin(steps, args).items()}
-    ms = {name: statistics.median(s) for name, s in samples.items()}
-    return dict(in_features=k, out_features=d, r=r, tokens=args.tokens, rows=[dict(
-        name=name, ms=ms[name], samples_ms=samples[name], vs_lora=ms[name] / ms["lora"],
-        bound=work[name] / work["lora"],
+    return dict(in_features=k, out_features=d, r=r, tokens=args.tokens, rows=against_lora([dict(
+        name=name, ms=statistics.median(samples[name]), samples_ms=samples[name], flops=work[name],
         saved_mb=saved_for_backward_mb(lambda: layer(x), layer.parameters()), r_hat=getattr(layer, "r_hat", None),
-        trainable_params=count_parameters(layer, trainable_only=True)) for name, layer in layers.items()])
+        trainable_params=count_parameters(layer, trainable_only=True)) for name, layer in layers.items()]))
+
+def against_lora(rows):  # each row's time, matrix FLOPs and peak memory over LoRA's
+    lora = next(row for row in rows if row["name"] == "lora")
+    for row in rows:
+        row.update(vs_lora=row["ms"] / lora["ms"], bound=row["flops"] / lora["flops"])
+        row.update(peak_vs_lora=row["peak_mb"] / lora["peak_mb"]) if "peak_mb" in row else None
+    return rows
 
 def peak_memory_mb(device, reset=False):
     """The peak since the last reset: CUDA's allocations, or on Linux the resident set (VmHWM, reset through
@@ -154,10 +154,10 @@ def peak_memory_mb(device, reset=False):
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return int(status["VmRSS" if reset else "VmHWM"].split()[0]) / 2 ** 10
 
-def model_row(name, r, args):
-    """One row of --model, in a process of its own: {ms, tokens_per_s, peak_mb, flops, trainable_params}."""
+def training_step(name, r, args):
+    """A training step of the model with row name's adapters at rank r (train_tiny_llama's build and rates), and the
+    model: the same random batch every step."""
     import train_tiny_llama as ttl
-    torch.set_num_threads(args.threads) if args.threads else None
     method, variant = MODEL_ROWS[name]
     cfg = LlamaConfig(**PRESETS[args.model], vocab_size=VOCAB, max_seq_len=SEQ_LEN)
     options = types.SimpleNamespace(seed=args.seed, rank=r, lora_alpha=r, variant=variant)
@@ -173,23 +173,29 @@ def model_row(name, r, args):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step, model
+
+def step_memory(name, r, args):
+    """In a process of its own: the peak memory of two training steps (the first makes AdamW's moments) above what
+    the process held before them, a step's matrix FLOPs and the trainable parameters."""
+    torch.set_num_threads(args.threads) if args.threads else None
+    step, model = training_step(name, r, args)
     resting = peak_memory_mb(args.device, reset=True)
-    work = flops(step)  # also the first step, which makes AdamW's moments
-    samples = time_round_robin({name: step}, args)[name]
-    ms = statistics.median(samples) * 1e3
-    return dict(name=name, ms=ms, tokens_per_s=BATCH * SEQ_LEN / ms * 1e3, flops=work, trainable_params=
-                count_parameters(model, trainable_only=True), peak_mb=peak_memory_mb(args.device) - resting)
+    work = flops(step)
+    step()
+    return dict(peak_mb=peak_memory_mb(args.device) - resting, flops=work,
+                trainable_params=count_parameters(model, trainable_only=True))
 
 def bench_model(r, args):
+    """Each row's memory in a fresh process (its peak is its own), then the times of all rows round-robin here."""
     rows = []
-    for name in MODEL_ROWS:  # a fresh process a row: its peak is its own
+    for name in MODEL_ROWS:
         with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
-            rows.append(pool.submit(model_row, name, r, args).result())
-    lora = next(row for row in rows if row["name"] == "lora")
-    for row in rows:
-        row.update(vs_lora=row["ms"] / lora["ms"], bound=row["flops"] / lora["flops"],
-                   peak_vs_lora=row["peak_mb"] / lora["peak_mb"])
-    return dict(model=args.model, r=r, batch=BATCH, seq_len=SEQ_LEN, vocab_size=VOCAB, rows=rows)
+            rows.append(dict(name=name, **pool.submit(step_memory, name, r, args).result()))
+    steps = {name: training_step(name, r, args)[0] for name in MODEL_ROWS}
+    for row, samples in zip(rows, time_round_robin(steps, args).values()):
+        row.update(ms=statistics.median(samples) * 1e3, tokens_per_s=BATCH * SEQ_LEN / statistics.median(samples))
+    return dict(model=args.model, r=r, batch=BATCH, seq_len=SEQ_LEN, vocab_size=VOCAB, rows=against_lora(rows))
 
 def main(argv=None):
     args = parse_args(argv)
@@ -200,8 +206,6 @@ def main(argv=None):
     info = dict(device=str(args.device), dtype=args.dtype, cpu=platform.processor() or platform.machine(),
                 torch_threads=torch.get_num_threads(), torch=torch.__version__, **gpu)
     print(", ".join(f"{k} {v}" for k, v in info.items()) + f"; median of {args.repeats} samples, rows interleaved")
-    if not args.model and "peft lora" not in peft_layers(nn.Linear(2, 2), 1):
-        print("note: peft is not installed; its LoRA and MiSS rows are left out (pip install peft)")
     jobs = [functools.partial(bench_model, r) for r in args.ranks] if args.model else [
         functools.partial(bench_layer, *shape) for shape in args.layers]
     done = []
