@@ -9,12 +9,13 @@ What MoRA costs next to LoRA:
 Layers: a frozen nn.Linear, adapted, forward + backward, the input requiring its gradient (as inside a network);
 rows: the frozen layer, LoRA, every MoRA variant, PEFT's LoRA and MiSS where peft is installed. Model: training
 steps of train_tiny_llama.py's model as it pretrains, batch 4 x 256 tokens, vocabulary 4,096. A time is the median
-of --repeats samples taken round-robin, so that machine noise hits all rows alike. bound: the row's matrix FLOPs
-(FlopCounterMode) over LoRA's; saved MB: what autograd keeps for the backward pass; peak MB: a row's steps in a
-process of their own, above what it held before them (CPU: the resident set; CUDA: allocations).
+of --repeats samples taken round-robin, so that machine noise hits all rows alike. bound: the row's matrix-product
+FLOPs (FlopCounterMode) over LoRA's, its time ratio if sums and copies cost nothing; saved MB: what autograd keeps
+for the backward pass; peak MB: a row's steps in a process of their own, above what it held before them (CPU: the
+resident set; CUDA: allocations).
 """
 
-import argparse, collections, functools, math, multiprocessing, platform, statistics, time, types
+import argparse, collections, functools, math, multiprocessing, os, platform, statistics, time, types
 
 import common  # first: a Ctrl-C while torch loads is one line too
 import torch
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device.type not in ("cpu", "cuda"):
         p.error(f"--device: only cpu and cuda are timed here, got {args.device}")
+    if args.model and args.device.type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
+        p.error("--model on a CPU reads its peak memory from /proc (Linux); elsewhere use --device cuda")
     common.check_outputs(p, files=[("--json", args.json)], runs=args.json)
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
@@ -97,15 +100,15 @@ def saved_for_backward_mb(forward, exclude):
 def peft_layers(base, r):
     """PEFT's LoRA and its MiSS at LoRA's parameter count (a (r', d) block, r' = r (k + d) / d), if peft is there."""
     try:
-        import peft
+        from peft import LoraConfig, MissConfig, get_peft_model
     except ImportError:
-        print("note: peft is not installed: no rows of its LoRA and MiSS (pip install peft)")
+        print("note: no rows of PEFT's LoRA and MiSS: pip install peft (0.17 or later)")
         return {}
     k, d = base.in_features, base.out_features
-    wrap = lambda config: peft.get_peft_model(nn.Sequential(collections.OrderedDict(lin=base)), config)
-    r_miss = max(1, round(r * (k + d) / d))
-    return {"peft lora": wrap(peft.LoraConfig(r=r, lora_alpha=r, target_modules=["lin"])),
-            f"peft miss (r={r_miss})": wrap(peft.MissConfig(r=r_miss, target_modules=["lin"]))}
+    wrap = lambda config: get_peft_model(nn.Sequential(collections.OrderedDict(lin=base)), config)
+    r_miss = min(k, max(1, round(r * (k + d) / d)))  # MiSS takes r' <= k
+    return {"peft lora": wrap(LoraConfig(r=r, lora_alpha=r, target_modules=["lin"])),
+            f"peft miss (r={r_miss})": wrap(MissConfig(r=r_miss, target_modules=["lin"]))}
 
 def bench_layer(k, d, r, args):
     dev, dtype = args.device, getattr(torch, args.dtype)
@@ -139,7 +142,8 @@ def against_lora(rows):  # each row's time, matrix FLOPs and peak memory over Lo
     lora = next(row for row in rows if row["name"] == "lora")
     for row in rows:
         row.update(vs_lora=row["ms"] / lora["ms"], bound=row["flops"] / lora["flops"])
-        row.update(peak_vs_lora=row["peak_mb"] / lora["peak_mb"]) if "peak_mb" in row else None
+        if "peak_mb" in row:  # None where LoRA's peak is nothing
+            row.update(peak_vs_lora=row["peak_mb"] / lora["peak_mb"] if lora["peak_mb"] else None)
     return rows
 
 def peak_memory_mb(device, reset=False):
@@ -213,7 +217,7 @@ def main(argv=None):
     with common.on_interrupt(kept):
         for job in jobs:
             done.append(res := job(args))
-            print(report(res, args))
+            report(res, args)
             if args.json:  # the figures depend on the shapes, the machine and these flags
                 settings = {**info, **{k: v for k, v in res.items() if k != "rows"},
                             **{k: getattr(args, k) for k in ("repeats", "warmup", "seed")}}
@@ -223,15 +227,15 @@ def main(argv=None):
 
 COLUMNS = {"ms": ("ms", ".1f"), "tokens_per_s": ("tokens/s", ",.0f"), "vs_lora": ("x LoRA", ".3f"),
            "bound": ("bound", ".3f"), "saved_mb": ("saved MB", ".1f"), "peak_mb": ("peak MB", ".0f"),
-           "peak_vs_lora": ("x LoRA", ".3f"), "r_hat": ("r^", ""), "trainable_params": ("trainable", ",")}
+           "peak_vs_lora": ("peak x LoRA", ".3f"), "r_hat": ("r^", ""), "trainable_params": ("trainable", ",")}
 
-def report(res, args):
+def report(res, args):  # print the figures of one layer or rank
     what = f"model {args.model}" if args.model else f"layer {res['in_features']} -> {res['out_features']}"
     print(f"\n{what}, r = {res['r']}: {'training steps' if args.model else 'forward + backward'}\n")
     shown = [c for c in COLUMNS if c in res["rows"][0]]
     cell = lambda row, c: "-" if row[c] is None else format(row[c], COLUMNS[c][1])
-    return common.table(["", *(COLUMNS[c][0] for c in shown)], [[row["name"], *(cell(row, c) for c in shown)]
-                                                                 for row in res["rows"]])
+    print(common.table(["", *(COLUMNS[c][0] for c in shown)], [[row["name"], *(cell(row, c) for c in shown)]
+                                                                for row in res["rows"]]))
 
 if __name__ == "__main__":
     common.main_guard(main)

@@ -183,8 +183,9 @@ def cyclic_pad(v, n):
 
 
 class Tile(torch.autograd.Function):
-    """cyclic_pad that writes only its n values, and whose backward folds the gradient back in one pass: autograd's
-    own, of a wider tile cut to n, writes zeros and copies. The same sums, in the same order."""
+    """cyclic_pad as one step of autograd's graph. x~ (one wrap) is written exactly: a wider tile cut to n is up to
+    twice x, and a concatenation of x and its head would make x's gradient a sum of more terms, added in another
+    order. The backward adds the copies of each v_t as autograd did, to the last bit."""
 
     @staticmethod
     def forward(ctx, v, n):
@@ -194,7 +195,7 @@ class Tile(torch.autograd.Function):
         return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // ctx.length), -1).flatten(-2)[..., :n]  # T: many copies
 
     @staticmethod
-    def backward(ctx, grad):  # the copies of each v_t added up
+    def backward(ctx, grad):  # the copies of each v_t added up (in plain operations: a second derivative passes)
         copies = -(-grad.shape[-1] // ctx.length)
         return F.pad(grad, (0, copies * ctx.length - grad.shape[-1])).unflatten(-1, (copies, ctx.length)).sum(-2), None
 
@@ -278,10 +279,10 @@ def block_product(z, blocks):  # y_i = B_i z_i for each block i: (..., n, r^) an
 
 
 class BlockProduct(torch.autograd.Function):
-    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)) with a backward of its own, which keeps x and M
-    alone, all MoRA needs for its gradients: plain autograd keeps x~ (x padded to n r^, up to 1.5 x at r = 256) and
-    rotation's n blocks M R_i (k r^ numbers). The backward makes both again (T n r^ and n r^^2 work, against T n r^^2
-    for the products), through autograd, so that the gradients are the same to the last bit."""
+    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)) with a backward of its own, which keeps x
+    and M alone, all MoRA needs for its gradients: plain autograd keeps x~ (x padded to n r^, up to 1.5 x at r = 256)
+    and rotation's n blocks M R_i (k r^ numbers). The backward makes both again (T n r^ and n r^^2 work, against
+    T n r^^2 for the products), through autograd, so that the gradients are autograd's own (tests: to the last bit)."""
 
     @staticmethod
     def forward(ctx, x, M, layer):
@@ -291,6 +292,8 @@ class BlockProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
+        if torch.is_grad_enabled():  # create_graph: the gradients below are not differentiable again
+            raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph)")
         (x, M), layer = ctx.saved_tensors, ctx.layer
         with torch.enable_grad():
             x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()
@@ -530,7 +533,7 @@ def targeted(name, targets):
 one_of, ANY = lambda *values: lambda v: v in values, lambda v: True
 UNUSED = lambda v: v is None or v is False or v in ("", [], {})
 CONFIG_FIELDS = {
-    "peft_type": one_of("LORA"), "r": lambda v: type(v) is int and v > 0, "bias": one_of("none"),
+    "peft_type": one_of("LORA"), "r": lambda v: type(v) is int and 0 < v < 2 ** 31, "bias": one_of("none"),
     "lora_alpha": lambda v: type(v) in (int, float) and 0 < v < math.inf,
     "lora_dropout": lambda v: type(v) in (int, float) and 0 <= v < 1, "use_rslora": one_of(True, False),
     "target_modules": is_targets, "exclude_modules": is_targets, "use_mora": one_of(True, False),
@@ -544,8 +547,9 @@ CONFIG_FIELDS = {
 
 
 def read_adapter_folder(directory):
-    """The config and weights of a PEFT folder, read whole first. A file that is not regular (a FIFO would block), UTF-8
-    JSON asking what CONFIG_FIELDS allows, or safetensors is one ValueError naming it."""
+    """The config and weights of a PEFT folder, read whole first. A file that is not regular (a FIFO would block), a
+    config that is not UTF-8 JSON or asks what CONFIG_FIELDS does not allow, weights that are not safetensors: one
+    ValueError naming the file. A file that is missing: the system's own error, which names it."""
     paths = [os.path.join(directory, name) for name in ADAPTER_FILES]
     for path in paths:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -560,20 +564,25 @@ def read_adapter_folder(directory):
     bad = next((k for k, v in config.items() if not CONFIG_FIELDS.get(k, UNUSED)(v)), None)
     if bad is not None:
         raise ValueError(f"{paths[0]}: {bad} {config[bad]!r:.80} is not honoured here")
-    from safetensors.torch import load_file  # only now: a config refused above needs no safetensors
+    from safetensors import SafetensorError  # only now: a config refused above needs no safetensors
+    from safetensors.torch import load_file
     try:
         weights = load_file(paths[1])
-    except Exception as e:  # safetensors' own error (SafetensorError): a cut or foreign file
+    except (SafetensorError, OSError, ValueError) as e:  # a cut or foreign file
         raise ValueError(f"{paths[1]} is not a readable safetensors file: {e}") from None
     return config, weights
 
 
 @contextlib.contextmanager
 def atomic_files(paths, mode="wb", replace=True, follow_links=True):
-    """Files to write, each renamed to its path once all are on disk: a reader sees the old files or the new ones, a
-    failure leaves the old. replace=False: FileExistsError, never a replace. follow_links=False replaces a symbolic
-    link itself, not its target. The temporaries get the umask's permissions."""
+    """Files to write, renamed to their paths in order once all are whole on disk: each file is the old one or the
+    new one, never a part, and a failure before the renames leaves the old. Only a crash between two renames can mix
+    them: name last the file that says what the others mean. replace=False: FileExistsError, never a replace.
+    follow_links=False replaces a symbolic link itself, not its target. The temporaries get the umask's permissions."""
     paths = [os.path.realpath(p) if follow_links else os.path.abspath(p) for p in paths]
+    folders = [p for p in paths if os.path.isdir(p)]
+    if folders:  # a rename onto it would fail half-way through
+        raise IsADirectoryError(f"{folders[0]} is a folder")
     temporaries = [f"{p}.{os.getpid()}.{os.urandom(4).hex()}.tmp" for p in paths]
     try:
         with contextlib.ExitStack() as stack:
@@ -602,7 +611,7 @@ def save_adapter(model, directory):
     adapters = {id(p) for _, layer in layers for p in layer.parameters()}
     others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapters]
     if others:
-        warnings.warn(f"{others[0]} and {len(others) - 1} other trainable parameters are no adapter's: not saved",
+        warnings.warn(f"{len(others)} trainable parameters are no adapter's, {others[0]} the first: not saved",
                       stacklevel=2)
     if any(layer.reinits for _, layer in layers):
         warnings.warn("merge_and_reinit moved earlier updates into the base weights: the folder reproduces this model "
@@ -619,9 +628,10 @@ def save_adapter(model, directory):
         tensors = {key.format(n, ab): state[f"{n}.{ab}"].detach().contiguous() for n, _ in layers for ab in "AB"}
     from safetensors.torch import save  # only now: what is refused above needs no safetensors
     os.makedirs(directory, exist_ok=True)
-    with atomic_files([os.path.join(directory, n) for n in ADAPTER_FILES], follow_links=False) as (json_file, st_file):
-        json_file.write(json.dumps(config, indent=2).encode())  # a link in the folder is replaced, not followed
+    paths = [os.path.join(directory, n) for n in ADAPTER_FILES[::-1]]  # the config last: it says what the weights mean
+    with atomic_files(paths, follow_links=False) as (st_file, json_file):  # a link in the folder is replaced
         st_file.write(save(tensors))
+        json_file.write(json.dumps(config, indent=2).encode())
 
 
 def load_adapter(model, directory):
@@ -629,6 +639,8 @@ def load_adapter(model, directory):
     modules its keys name, load their weights and return the model: its outputs are those of the model saved. What
     would load wrongly without a word is a ValueError, before any change: a config field not honoured here, a key that
     names no target, a target that gets no weights, a shape that differs."""
+    if adapter_layers(model):  # its adapters' weights are no part of the folder: the load would fail half-way
+        raise ValueError("load_adapter needs a model without adapters (merge_and_unload them first)")
     config, weights = read_adapter_folder(directory)
     modules, names = dict(model.named_modules()), {}
     targets = [n for n, m in modules.items() if isinstance(m, nn.Linear) and targeted(n, config.get("target_modules"))
@@ -643,6 +655,8 @@ def load_adapter(model, directory):
         raise ValueError(f"{directory}: the target module {idle[0]} gets no weights")
     r, variant = config.get("r", 8), config.get("mora_variant", config.get("mora_type", 1))
     mora = config.get("use_mora") or "mora_variant" in config
+    if "mora_variant" in config and (config.get("use_mora") is not True or config.get("mora_type") is not None):
+        raise ValueError(f"{directory}: mora_variant goes with use_mora true and no mora_type, as save_adapter writes")
     if mora and variant is None:
         raise ValueError(f"{directory}: use_mora without a mora_type")
     for n, ab in names.items():

@@ -829,6 +829,9 @@ OTHER = {f"base_model.model.other.lora_{x}.weight": torch.ones(3, 3) for x in "A
     (lambda c, w: c.update(r=1.0), "r 1.0 is not honoured"),
     (lambda c, w: c.update(lora_dropout="0.1"), "lora_dropout '0.1' is not honoured"),
     (lambda c, w: [c], "adapter_config.json holds no JSON object"),
+    (lambda c, w: c.update(mora_variant="decoupling"), "mora_variant goes with use_mora true and no mora_type"),
+    (lambda c, w: c.update(use_mora=False, mora_type=None, mora_variant="sharing"), "mora_variant goes with"),
+    (lambda c, w: c.update(r=2 ** 1000), "r 1071508607186267320"),  # a JSON integer math.sqrt cannot take
 ])
 def test_what_would_load_wrongly_is_refused_before_any_change(tmp_path, change, message):
     pytest.importorskip("safetensors")
@@ -937,7 +940,7 @@ def test_save_adapter_refuses_mixed_dropouts_and_warns_what_the_folder_leaves_ou
         mora.save_adapter(mixed, tmp_path / "a")
     model = apply_adapters(tiny_model(), "lora", r=2)
     model.embed.requires_grad_(True)
-    with pytest.warns(UserWarning, match="embed.weight and 0 other trainable parameters are no adapter's"):
+    with pytest.warns(UserWarning, match="1 trainable parameters are no adapter's, embed.weight the first"):
         mora.save_adapter(model, tmp_path / "b")
     model.embed.requires_grad_(False)
     model.layers[0].attn.q.merge_and_reinit()  # ReLoRA: the base weight now holds the first update
@@ -971,6 +974,42 @@ def test_sharing_equals_peft_miss_mini_where_r_hat_divides_k_and_d():
             miss.base_model.model.lin.miss_block["default"].copy_(ours[0].M.T)  # MiSS keeps M transposed
         x = torch.randn(5, k)
         assert torch.allclose(miss(x), ours(x), atol=1e-5) and not torch.allclose(ours(x), ours[0].base(x))
+
+
+def test_a_save_onto_a_folder_fails_before_any_file_is_replaced(tmp_path):
+    pytest.importorskip("safetensors")
+    model = randomise_adapters(apply_adapters(tiny_model(), "lora", r=2), 0.5)
+    mora.save_adapter(model, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in mora.ADAPTER_FILES}
+    os.replace(tmp_path / mora.ADAPTER_FILES[0], tmp_path / "config.json")
+    (tmp_path / mora.ADAPTER_FILES[0]).mkdir()  # the config's path is a folder: its rename would fail, the weights'
+    with pytest.raises(IsADirectoryError, match="is a folder"):  # would have been replaced already
+        mora.save_adapter(randomise_adapters(apply_adapters(tiny_model(), "lora", r=2), 0.1), tmp_path)
+    assert (tmp_path / mora.ADAPTER_FILES[1]).read_bytes() == before[mora.ADAPTER_FILES[1]]
+    assert sorted(os.listdir(tmp_path)) == sorted(["config.json", *mora.ADAPTER_FILES])  # no temporaries left
+
+
+def test_load_adapter_refuses_a_model_that_has_adapters_already(tmp_path):
+    pytest.importorskip("safetensors")
+    mora.save_adapter(randomise_adapters(apply_adapters(tiny_model(), "lora", r=2, targets=("q",))), tmp_path)
+    model = apply_adapters(tiny_model(), "mora", r=2, targets=("v",))
+    with pytest.raises(ValueError, match="without adapters"):  # it wrapped q, then failed on v's missing weights
+        mora.load_adapter(model, tmp_path)
+    assert [name for name, _ in mora.adapter_layers(model)] == ["layers.0.attn.v", "layers.1.attn.v"]
+
+
+def test_a_second_derivative_is_plain_autograds_or_refused():
+    x = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)
+    layer = make_mora(13, 7, 1, "sharing")  # through Tile
+    second = lambda: torch.autograd.grad(torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)[0].sum(),
+                                         layer.M)[0]
+    ours = second()
+    plain = lambda v, n: v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]
+    with mock.patch.object(mora.Tile, "apply", plain):  # autograd's own backward, differentiated
+        assert torch.allclose(ours, second())
+    layer = make_mora(13, 7, 1, "rotation")  # through BlockProduct: it was a wrong one, without a word
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        second()
 
 
 def test_disable_adapters_computes_the_base_alone():
