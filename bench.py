@@ -187,7 +187,7 @@ def step_memory(name, r, args):
     resting = peak_memory_mb(args.device, reset=True)
     work = flops(step)
     step()
-    return dict(peak_mb=peak_memory_mb(args.device) - resting, flops=work,
+    return dict(peak_mb=max(0.0, peak_memory_mb(args.device) - resting), flops=work,  # the kernel's peak can lag
                 trainable_params=count_parameters(model, trainable_only=True))
 
 def bench_model(r, args):

@@ -1977,11 +1977,11 @@ def test_bench_model_times_training_steps_of_each_row(tmp_path, monkeypatch):
     assert (run["settings"]["model"], run["settings"]["r"], run["settings"]["seq_len"]) == ("tiny", 2, 256)
     rows = {row["name"]: row for row in run["rows"]}
     assert list(rows) == ["full", "lora", "mora sharing", "mora rotation"]
-    assert rows["lora"]["vs_lora"] == rows["lora"]["bound"] == rows["lora"]["peak_vs_lora"] == 1
+    assert rows["full"]["bound"] > 1.05  # full training also forms the projections' weight gradients
     assert rows["full"]["trainable_params"] == count_parameters(Llama(LlamaConfig(
         **mora.PRESETS["tiny"], vocab_size=bench.VOCAB, max_seq_len=256)))
     assert rows["mora sharing"]["bound"] == pytest.approx(1, abs=0.01) and rows["mora rotation"]["bound"] > 1.01
-    assert all(row["peak_mb"] >= 0 and row["tokens_per_s"] > 0 for row in rows.values())
+    assert all(row["tokens_per_s"] == pytest.approx(4 * 256 / row["ms"] * 1e3) for row in rows.values())
 
 
 @pytest.mark.parametrize("flag,value", [
