@@ -1410,6 +1410,10 @@ def test_uuid_a_model_file_that_cannot_be_written_names_it_and_keeps_the_figures
     with pytest.raises(common.Fail, match=r"--out: cannot write .*fft_lr0.005_seed0.pt \(No space left on device\)"):
         train_uuid.main(TINY_UUID_RUN + ["--method", "fft", "--json", str(out), "--out", str(tmp_path / "models")])
     assert [r["settings"]["method"] for r in json.loads(out.read_text())["runs"]] == ["fft"]
+    monkeypatch.undo()  # the disk has room again: --resume trains the run whose model file is missing
+    train_uuid.main(TINY_UUID_RUN + ["--method", "fft", "--json", str(out), "--out", str(tmp_path / "models"),
+                                     "--resume"])
+    assert os.listdir(tmp_path / "models") == ["fft_lr0.005_seed0.pt"]
 
 
 @pytest.mark.parametrize("script", [train_uuid, ttl, bench])

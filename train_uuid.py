@@ -347,7 +347,9 @@ def main(argv=None):
         args.dim, args.hidden_dim, args.n_heads, args.n_layers = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.n_layers
     todo = jobs(args)
     saved = {common.key(r): r for r in common.read_runs(args.json)["runs"]} if args.resume else {}
-    done = {i: saved[k] for i, k in enumerate(common.key({"settings": s}) for s in todo) if k in saved}
+    kept_model = lambda run, s: not args.out or run["diverged"] or os.path.exists(out_path(args, s))  # else: again
+    done = {i: saved[k] for i, s in enumerate(todo) if (k := common.key({"settings": s})) in saved
+            and kept_model(saved[k], s)}
     if args.resume and not done:
         common.note(f"--resume: {args.json} holds none of these runs; every run starts afresh")
     taken = [path for i, s in enumerate(todo) if i not in done and os.path.exists(path := out_path(args, s))
