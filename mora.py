@@ -187,12 +187,17 @@ class Tile(torch.autograd.Function):
     twice x, and a concatenation of x and its head would make x's gradient a sum of more terms, added in another
     order. The backward adds the copies of each v_t as autograd did, to the last bit."""
 
+    generate_vmap_rule = True  # torch.func's transforms (vmap, jacrev) take it as they take plain operations
+
     @staticmethod
-    def forward(ctx, v, n):
-        ctx.length = v.shape[-1]
-        if n < 2 * ctx.length:  # x~: one wrap, written exactly
-            return torch.cat([v, v[..., :n - ctx.length]], -1)
-        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // ctx.length), -1).flatten(-2)[..., :n]  # T: many copies
+    def forward(v, n):
+        if n < 2 * v.shape[-1]:  # x~: one wrap, written exactly
+            return torch.cat([v, v[..., :n - v.shape[-1]]], -1)
+        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]  # T: many copies
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.length = inputs[0].shape[-1]
 
     @staticmethod
     def backward(ctx, grad):  # the copies of each v_t added up (in plain operations: a second derivative passes)
@@ -284,16 +289,22 @@ class BlockProduct(torch.autograd.Function):
     and rotation's n blocks M R_i (k r^ numbers). The backward makes both again (T n r^ and n r^^2 work, against
     T n r^^2 for the products), through autograd, so that the gradients are autograd's own (tests: to the last bit)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, M, layer):
-        ctx.save_for_backward(x, M)
-        ctx.layer = layer
+    def forward(x, M, layer):
         return block_product(split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M))
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.layer = inputs[2]
+
+    @staticmethod
     def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
-        if torch.is_grad_enabled():  # create_graph: the gradients below are not differentiable again
-            raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph)")
+        if torch.is_grad_enabled():  # create_graph, or torch.func's grad: the gradients below are not differentiable
+            raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph, "
+                               "torch.func.grad or jacrev); the other variants have")
         (x, M), layer = ctx.saved_tensors, ctx.layer
         with torch.enable_grad():
             x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()

@@ -1012,6 +1012,16 @@ def test_a_second_derivative_is_plain_autograds_or_refused():
         second()
 
 
+@pytest.mark.parametrize("variant", ["sharing", "rotation"])  # Tile; Tile and BlockProduct
+def test_torch_func_transforms_take_the_layer(variant):  # they refused autograd Functions without setup_context
+    layer = make_mora(5, 7, 1, variant)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(torch.func.vmap(layer)(x), layer(x))
+    if variant == "sharing":  # rotation has no second derivative here, and says so
+        assert torch.allclose(torch.func.jacrev(layer)(x[0, 0]), layer.base.weight + layer.get_delta_weight())
+
+
 def test_disable_adapters_computes_the_base_alone():
     model = tiny_model()
     idx = torch.randint(0, 37, (2, 12))
