@@ -534,6 +534,8 @@ def main(argv=None):
                     common.save_runs(args.json, runs[-1:])
             if env["rank"] == 0:
                 report(runs, args, env["log"])
+        if dist.is_initialized():  # the ranks leave together: gloo torn down under a rank still at work can abort it
+            dist.barrier()
         return runs
     finally:
         if dist.is_initialized():
