@@ -1345,7 +1345,6 @@ def test_uuid_bad_arguments(argv, message, capsys):
     (["--method", "fft", "--rank", "4", "--lora-alpha", "2"], "--rank is ignored by --method fft"),
     (["--method", "lora", "--variant", "sharing"], "--variant is ignored by --method lora (only mora, all read it)"),
     (["--method", "mora", "--lora-alpha", "16"], "--lora-alpha is ignored by --method mora"),
-    (["--method", "all", "--rank", "16"], "--rank is ignored by --method all"),
     (["--pairs", "10"], "--batch-size 64 is larger than --pairs 10: each step trains on all"),
     (["--steps", "40", "--eval-at", "40"], "--warmup 50 is not below --steps 40: the rate never reaches its peak"),
     (["--method", "lora", "--rank", "4", "--lora-alpha", "8"], None),  # every flag used: no note
@@ -1377,6 +1376,7 @@ def test_uuid_a_diverging_run_is_recorded_and_the_others_go_on(tmp_path, monkeyp
     printed = capsys.readouterr().out
     # the rate explodes from the second step on: the loss of step 3 is the first that is not finite, seen at step 4
     assert runs[0]["diverged"] == 4 and runs[0]["accuracy"] == {"2": runs[0]["accuracy"]["2"]}
+    assert runs[0]["value_bits"] == {"2": 0.0}  # the weights were lost at step 2, seen at step 4: nothing held
     assert runs[0]["update_rank"] is None and runs[0]["final_loss"] is None
     assert "diverged: run stopped" in printed and "| FFT (seed 0 diverged) | 406" not in printed
     assert "| FFT (seed 0 diverged) |" in printed
@@ -1450,9 +1450,20 @@ def test_uuid_variants_run_sec_6_2_with_one_budget(capsys):
     assert "| rotation | 64.2 | 67.9 |" in printed  # the paper's Table 4 beside it
 
 
+def test_uuid_all_at_a_rank_is_fft_lora_and_mora_there_each_at_its_rate():
+    rows = lambda argv: [(s["method"], s["rank"], s["variant"], s["lr"]) for s in train_uuid.jobs(
+        train_uuid.parse_args(argv))]
+    assert rows(["--method", "all", "--rank", "16"]) == [("fft", None, None, 5e-3), ("lora", 16, None, 7e-3),
+                                                         ("mora", 16, "rotation", 1e-2)]
+    assert [r[:2] for r in rows(["--method", "all"])] == [(m, r) for m, r in train_uuid.ALL_RUNS]  # the paper's
+    # from a pretrained base, the rates of its own sweep (batch 32)
+    assert [r[3] for r in rows(["--method", "all", "--rank", "8", "--init-from", "x.pt"])] == [2e-3, 5e-3, 5e-3]
+
+
 def test_uuid_settings_and_explicit_flags():
     args = train_uuid.parse_args(["--setting", "paper-ratio", "--dim", "512", "--pairs", "50", "--batch-size", "50"])
-    assert (args.dim, args.hidden_dim, args.n_heads, args.pairs, args.batch_size) == (512, 2816, 16, 50, 50)
+    assert (args.dim, args.hidden_dim, args.n_heads, args.pairs, args.batch_size) == (512, 2816, 16, [50], 50)
+    assert train_uuid.parse_args(["--pairs", "400,100,400"]).pairs == [100, 400]  # each count once, in order
 
 
 def test_uuid_rank_over_a_quarter_of_the_width_is_one_note(capsys):
@@ -1500,6 +1511,69 @@ def test_uuid_reads_a_checkpoint_in_the_contract_form_without_a_tokenizer(method
     save_contract_checkpoint(tmp_path / "ckpt.pt", method, [t for t in token_bytes if t not in ("f", ":")])
     with pytest.raises(common.Fail, match=r"\(bytes\) has no single token for \['f', ':'\]"):
         train_uuid.load_pretrained(str(tmp_path / "ckpt.pt"))
+
+
+class Knows(torch.nn.Module):
+    """A stand-in model whose teacher-forced logits are `scale` on the true next token and 0 elsewhere."""
+    def __init__(self, pairs, vocab, scale):
+        super().__init__()
+        self.x, self.y, self.vocab, self.scale = *train_uuid.make_examples(pairs, vocab), vocab, scale
+
+    def forward(self, x):
+        assert torch.equal(x, self.x)
+        return self.scale * torch.nn.functional.one_hot(self.y, len(self.vocab)).float(), None
+
+
+@pytest.mark.parametrize("vocab", [train_uuid.CHARS, ["<|endoftext|>"] + [chr(i) for i in range(256)] + ["ab", "0-"]])
+def test_value_bits_are_122_a_value_known_and_0_for_the_prior(vocab):
+    assert train_uuid.VALUE_BITS == 122 and sum(len(c) == 1 for c in train_uuid.UUID_FORMAT) == 5  # 4 dashes, the 4
+    pairs, bits = train_uuid.make_pairs(7, seed=2), lambda m: train_uuid.value_bits(m, pairs, vocab, "cpu",
+                                                                                      contextlib.nullcontext())
+    assert bits(Knows(pairs, vocab, 1e4)) == 7 * 122  # certain of every character
+    assert bits(Knows(pairs, vocab, 0.0)) == 0  # uniform: the format's prior, whatever the other tokens
+    assert bits(Knows(pairs, vocab, math.log(2.0))) == pytest.approx(7 * (122 - 30 * math.log2(17 / 2) - math.log2(5 / 2)),
+                                                                   abs=0.1)  # twice as likely as each other character
+    assert bits(Knows(pairs, vocab, -5.0)) == 0  # worse than the prior: no bits, not fewer than none
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=len(vocab), dim=16, hidden_dim=32, n_heads=2, n_layers=1, max_seq_len=80))
+    assert 0 <= bits(model) <= 7 * 122
+
+
+def test_forgetting_is_read_at_matched_accuracy_linearly_between_evaluations():
+    run = {"accuracy": {"50": 20.0, "100": 40.0, "150": 80.0, "200": 95.0, "250": 85.0},
+           "base_bpb": {"50": 2.5, "100": 3.0, "150": 5.0, "200": 6.0, "250": 9.0}}
+    assert train_uuid.at_accuracy(run, 50) == pytest.approx(3.0 + 2.0 * 10 / 40)  # between steps 100 and 150
+    assert train_uuid.at_accuracy(run, 90) == pytest.approx(5.0 + 1.0 * 10 / 15)  # the first crossing, not the later
+    assert train_uuid.at_accuracy(run, 10) == 2.5 and train_uuid.at_accuracy(run, 96) is None  # past at once; never
+    assert train_uuid.at_accuracy({"accuracy": {"50": 60.0}}, 50) is None  # a run without the base's curve
+
+
+def test_uuid_from_a_pretrained_base_records_its_skill_at_each_evaluation(tmp_path, capsys):
+    save_contract_checkpoint(tmp_path / "ckpt.pt", "full", ["<|endoftext|>"] + [chr(i) for i in range(256)])
+    plot = tmp_path / "acc.png"
+    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--init-from", str(tmp_path / "ckpt.pt"),
+                                            "--seeds", "2", "--plot", str(plot)])
+    for run in runs:
+        assert set(run["base_bpb"]) == set(run["value_bits"]) == set(run["accuracy"]) == {"2", "4"}
+        assert run["base_bpb"]["4"] == run["base_bpb_after"] and run["base_bpb"]["2"] > 0
+        assert all(0 <= b <= 6 * 122 for b in run["value_bits"].values())
+    printed = capsys.readouterr().out
+    assert "| run | at 50% | at 90% |" in printed and "| LoRA r=2 |" in printed
+    assert plot.exists() and (tmp_path / "acc_forgetting.png").exists() and not (tmp_path / "acc_capacity.png").exists()
+
+
+def test_uuid_runs_each_pair_count_and_tables_the_bits_stored(tmp_path, capsys):
+    out = tmp_path / "runs.json"
+    runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--pairs", "6,9", "--json", str(out),
+                                            "--out", str(tmp_path / "models"), "--plot", str(tmp_path / "p.png")])
+    assert [r["settings"]["pairs"] for r in runs] == [6, 9] and all(r["base_bpb"] == {} for r in runs)
+    assert sorted(os.listdir(tmp_path / "models")) == ["lora_r2_pairs6_lr0.007_seed0.pt", "lora_r2_pairs9_lr0.007_seed0.pt"]
+    printed = capsys.readouterr().out
+    bits, params = runs[1]["value_bits"]["4"], runs[1]["trainable_params"]
+    assert f"| LoRA r=2, 9 pairs | {params} | 0.007 |" in printed and "at 50%" not in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| LoRA r=2, 9 pairs"))
+    assert row.endswith(f"| {bits:,.0f} | {bits / params:.3f} |")  # the bits at the last evaluation, and per parameter
+    assert (tmp_path / "p_capacity.png").exists() and not (tmp_path / "p_forgetting.png").exists()
 
 
 class RunsCode:

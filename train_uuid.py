@@ -28,6 +28,12 @@ CHARS = "0123456789abcdef-:\n"
 UUID_LEN = 36
 PROMPT_LEN = UUID_LEN + 1  # "key:"
 SEQ_LEN = 2 * UUID_LEN + 2  # "key:value\n"
+# What each character of a version-4 UUID may be: the dashes and the version digit are fixed, the variant nibble is
+# one of 4 and every other digit one of 16, so a random value carries 30 x 4 + 2 = 122 bits.
+UUID_FORMAT = [["-"] if i in (8, 13, 18, 23) else ["4"] if i == 14 else list("89ab" if i == 19 else CHARS[:16])
+               for i in range(UUID_LEN)]
+VALUE_BITS = sum(math.log2(len(chars)) for chars in UUID_FORMAT)
+ACCURACY_PAIRS = 200  # accuracy on the first pairs only: generating costs some 30 passes of value_bits
 
 # The paper's five rows (Table 2): FFT, then LoRA and MoRA at ranks 8 and 256.
 ALL_RUNS = [("fft", None), ("lora", 8), ("mora", 8), ("lora", 256), ("mora", 256)]
@@ -35,12 +41,14 @@ ALL_RUNS = [("fft", None), ("lora", 8), ("mora", 8), ("lora", 256), ("mora", 256
 # GSM8K accuracy (%) of LLaMA-2 7B at r = 8 and 256: another task, so only the order compares.
 PAPER_TABLE4 = {"truncation": {8: 59.5, 256: 66.6}, "sharing": {8: 62.5, 256: 67.9},
                 "decoupling": {8: 63.6, 256: 67.8}, "rotation": {8: 64.2, 256: 67.9}}
+MATCHED = (50, 90)  # the accuracies (%) at which forgetting compares, fixed before any result
 # Peak learning rates from the sweeps in results/README.md; the paper's 3e-4 is for a 7B model. Ranks 8
 # and 256 were tuned, other ranks take the nearer one's. Each variant was tuned at rank 8; at 256 the
 # others take sharing's rate, and so do ReMoRA's other groupings (official types 2 to 4).
 DEFAULT_LR = {"fft": 5e-3, "lora": {8: 7e-3, 256: 2e-3},
               "mora": {"rotation": {8: 1e-2, 256: 2e-3}, "sharing": {8: 5e-3, 256: 2e-3},
-                       "truncation": {8: 1e-2, 256: 2e-3}, "decoupling": {8: 1e-2, 256: 2e-3}}}
+                       "truncation": {8: 1e-2, 256: 2e-3}, "decoupling": {8: 1e-2, 256: 2e-3}},
+              "pretrained": {"fft": 2e-3, "lora": 5e-3, "mora": 5e-3}}  # --init-from, batch 32, tuned at rank 8
 # Model and data by --setting (explicit flags override). The default is fast on a CPU, but there
 # rank 256 is twice the width. In the paper, ranks 8 and 256 are 1/512 and 1/16 of the width;
 # paper-ratio makes them 1/128 and 1/4, with the default's SwiGLU ratio (2.75) and LLaMA's heads of 64.
@@ -48,7 +56,9 @@ SETTINGS = {"default": dict(dim=128, hidden_dim=352, n_heads=4, n_layers=2, pair
             "paper-ratio": dict(dim=1024, hidden_dim=2816, n_heads=16, n_layers=2, pairs=100, steps=900, batch_size=64)}
 
 
-def default_lr(method, rank, variant=None):
+def default_lr(method, rank, variant=None, pretrained=False):
+    if pretrained:
+        return DEFAULT_LR["pretrained"][method]
     if method == "fft":
         return DEFAULT_LR["fft"]
     tuned = DEFAULT_LR["lora"] if method == "lora" else DEFAULT_LR["mora"].get(variant, DEFAULT_LR["mora"]["sharing"])
@@ -98,13 +108,32 @@ def evaluate(model, pairs, vocab, device, autocast, batch_size=512):
 
 
 @torch.no_grad()
+def value_bits(model, pairs, vocab, device, autocast, batch_size=512):
+    """Bits held about the values, summed over pairs. A value's: 122 minus its code length, the sum of -log2 of each
+    character's teacher-forced probability given "key:" and the value before it, renormalised over what UUID_FORMAT
+    allows there (a fixed character costs 0). 122 for a value predicted with certainty, 0 for the format's uniform
+    prior; clipped at 0, so a value predicted worse than the prior cancels nothing. Keys (also trained) not counted."""
+    allowed = torch.tensor([[t in chars for t in vocab] for chars in UUID_FORMAT], device=device)
+    x, y = (t.to(device) for t in make_examples(pairs, vocab))
+    values = slice(PROMPT_LEN - 1, PROMPT_LEN - 1 + UUID_LEN)  # the targets that are the value's characters
+    model.eval()
+    with autocast:
+        logits = torch.cat([model(x[i:i + batch_size])[0][:, values].float() for i in range(0, len(x), batch_size)])
+    model.train()
+    logp = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), -1).gather(-1, y[:, values, None])
+    held = (VALUE_BITS + logp.sum((1, 2)) / math.log(2)).clamp(min=0).nan_to_num(0.0)  # lost weights hold nothing
+    return round(held.sum().item(), 1)
+
+
+@torch.no_grad()
 def bits_per_byte(model, held_out, device, autocast):
     """The pretrained base's own skill: its bits per byte on the held-out text it was pretrained on."""
     windows, total = held_out["windows"].to(device), 0.0
     for i in range(0, len(windows), 64):
         with autocast:
             total += model(windows[i:i + 64, :-1], windows[i:i + 64, 1:])[1].item() * len(windows[i:i + 64])
-    return round(total / len(windows) / math.log(2) * held_out["tokens_per_byte"], 4)
+    bpb = total / len(windows) / math.log(2) * held_out["tokens_per_byte"]
+    return round(bpb, 4) if math.isfinite(bpb) else None  # weights lost on the way to a divergence; JSON has no NaN
 
 
 def load_pretrained(path):
@@ -143,7 +172,7 @@ def train_one(settings, args, pretrained, progress):
     """One run; pairs, initialisation and batch order all follow the seed. The start is a seeded random
     model or a copy of the pretrained one, frozen by the adapter methods."""
     method, rank, variant, lr, seed = (settings[k] for k in ("method", "rank", "variant", "lr", "seed"))
-    pairs = make_pairs(args.pairs, seed)
+    pairs = make_pairs(settings["pairs"], seed)
     torch.manual_seed(seed)  # the initial model, and the adapters' initialisation
     model = copy.deepcopy(pretrained["model"]) if pretrained else Llama(LlamaConfig(
         vocab_size=len(CHARS), dim=args.dim, hidden_dim=args.hidden_dim, n_heads=args.n_heads, n_layers=args.n_layers,
@@ -164,7 +193,7 @@ def train_one(settings, args, pretrained, progress):
     optimizer = common.optimizer(model, args.weight_decay, lr, betas=(0.9, 0.999), device=args.device)
     gen = torch.Generator().manual_seed(seed + 1)  # the same batches for every method at one seed
     order, pos = torch.randperm(len(pairs), generator=gen).to(args.device), 0
-    accuracy, t0, tokens, diverged = {}, time.time(), 0, None
+    accuracy, bits, base_bpb, t0, tokens, diverged = {}, {}, {}, time.time(), 0, None
     for step in range(1, args.steps + 1):
         if pos + args.batch_size > len(pairs):  # a new epoch
             order, pos = torch.randperm(len(pairs), generator=gen).to(args.device), 0
@@ -185,13 +214,17 @@ def train_one(settings, args, pretrained, progress):
                 diverged = step
                 break
             if step in args.eval_at:
-                accuracy[str(step)] = round(evaluate(model, pairs, vocab, args.device, autocast), 2)
+                accuracy[str(step)] = round(evaluate(model, pairs[:ACCURACY_PAIRS], vocab, args.device, autocast), 2)
+                bits[str(step)] = value_bits(model, pairs, vocab, args.device, autocast)
+                if pretrained:  # the base's skill along the way: forgetting against memorising
+                    base_bpb[str(step)] = skill()
             elapsed = time.time() - t0
-            acc = f" | acc {accuracy[str(step)]:5.1f}%" if str(step) in accuracy else ""
+            acc = f" | acc {accuracy[str(step)]:5.1f}%, {bits[str(step)]:,.0f} bits" if str(step) in accuracy else ""
             eta = common.format_time(elapsed / step * (args.steps - step))
             print(f"  step {step:4d}/{args.steps} | loss {last_loss:.4f}{acc} | {tokens / elapsed:7.0f} tok/s | "
                   f"{common.format_time(elapsed)} elapsed, ETA {eta}", flush=True)
-    run.update(accuracy=accuracy, diverged=diverged, final_loss=None if diverged else last_loss,
+    run.update(accuracy=accuracy, value_bits=bits, base_bpb=base_bpb, diverged=diverged,
+               final_loss=None if diverged else last_loss,
                seconds=round(time.time() - t0, 1), base_bpb_after=None if diverged else skill(),
                update_rank=None if diverged else common.update_ranks(before, common.effective_weights(model)))
     if args.json:  # the figures first: a model file that cannot be written loses none of them
@@ -211,23 +244,39 @@ def label(settings):
     return ("LoRA" if settings["method"] == "lora" else f"MoRA ({settings['variant']})") + f" r={settings['rank']}"
 
 
+def at_accuracy(run, level):
+    """The base's bits per byte where the run's accuracy first reaches level (%): linear between the evaluations
+    around it, the first evaluation's if that one is past it already; None if the run never gets there."""
+    points = [(run["accuracy"][s], run["base_bpb"][s]) for s in sorted(run.get("base_bpb", {}), key=int)]
+    for (a0, b0), (a1, b1) in zip(points[:1] + points, points):
+        if a1 >= level:
+            return b1 if a0 >= level else b0 + (b1 - b0) * (level - a0) / (a1 - a0)
+
+
 def report(runs, args):
-    """The accuracy table (mean and (min-max) over seeds) and the Sec. 6.1 singular-value counts."""
-    pretrained, groups = bool(args.init_from), {}
-    for r in runs:  # one row per method, rank, variant and lr: its seeds
-        groups.setdefault(tuple(r["settings"][k] for k in ("method", "rank", "variant", "lr")), []).append(r)
-    name = lambda g: label(g[0]["settings"]) + "".join(f" (seed {r['settings']['seed']} diverged)"
-                                                       for r in g if r["diverged"])
+    """The accuracy table (mean and (min-max) over seeds) with the bits stored, from a pretrained base the rise in its
+    bits per byte at matched accuracy, and the Sec. 6.1 singular-value counts."""
+    pretrained, groups, last = bool(args.init_from), {}, str(args.eval_at[-1])
+    for r in runs:  # one row per method, rank, variant, pairs and lr: its seeds
+        groups.setdefault(tuple(r["settings"][k] for k in ("method", "rank", "variant", "pairs", "lr")), []).append(r)
+    name = lambda g: label(g[0]["settings"]) + f", {g[0]['settings']['pairs']} pairs" * (len(args.pairs) > 1) + "".join(
+        f" (seed {r['settings']['seed']} diverged)" for r in g if r["diverged"])
     done = lambda g: [r for r in g if not r["diverged"]]
-    print(f"\nValue accuracy (%) generated greedily from the key, {args.pairs} pairs, "
+    bits = lambda g, per: common.spread([r["value_bits"][last] / per(r) for r in done(g)
+                                         if last in r.get("value_bits", {})], 0 if per(g[0]) == 1 else 3)
+    shown = args.eval_at[::-1][::-(-len(args.eval_at) // 5)][::-1]  # five at most, the last among them
+    print(f"\nValue accuracy (%) generated greedily from the key, {', '.join(map(str, args.pairs))} pairs, "
           + (f"mean (min-max) over {args.seeds} seeds:\n" if args.seeds > 1 else f"seed {args.seed}:\n"))
-    rise = lambda g: [common.spread([r["base_bpb_after"] - r["base_bpb_before"] for r in done(g)], 3)
-                      ] if pretrained else []
-    print(common.table(["run", "trainable params", "lr", *(f"step {s}" for s in args.eval_at)]
-                       + ["rise in the base's bits/byte"] * pretrained, [
-        [name(g), f"{g[0]['trainable_params']:,}", f"{g[0]['settings']['lr']:g}",
-         *(common.spread([r["accuracy"][str(s)] for r in done(g)]) for s in args.eval_at), *rise(g)]
-        for g in groups.values()]))
+    print(common.table(["run", "trainable params", "lr", *(f"step {s}" for s in shown), f"value bits, step {last}",
+                        "bits per param"], [[name(g), f"{g[0]['trainable_params']:,}", f"{g[0]['settings']['lr']:g}",
+        *(common.spread([r["accuracy"][str(s)] for r in done(g)]) for s in shown), bits(g, lambda r: 1),
+        bits(g, lambda r: r["trainable_params"])] for g in groups.values()]))
+    if pretrained:  # each seed read where it first reaches the level: the seeds that never do are said
+        rises = lambda g, a: [b - r["base_bpb_before"] for r in done(g) if (b := at_accuracy(r, a)) is not None]
+        print("\nThe rise in the base's bits per byte at matched accuracy (linear between evaluations):\n")
+        print(common.table(["run", *(f"at {a}%" for a in MATCHED)], [[name(g), *(
+            common.spread(v, 3) + f" ({len(v)} of {len(done(g))} seeds)" * (len(v) < len(done(g))) if v
+            else "not reached" for v in (rises(g, a) for a in MATCHED))] for g in groups.values()]))
     if args.method == "variants":
         print("\nThe paper's Table 4, GSM8K accuracy (%) of LLaMA-2 7B (another task: compare the order):\n")
         print(common.table(["variant", "r=8", "r=256"], [[v, str(t[8]), str(t[256])] for v, t in PAPER_TABLE4.items()]))
@@ -236,30 +285,44 @@ def report(runs, args):
     print(common.table(["run", *(f"{p} {c['shape'][0]}x{c['shape'][1]}" for p, c in shapes.items())], [
         [name(g), *(common.spread([r["update_rank"][p]["above_threshold"] for r in done(g)], 0) for p in shapes)]
         for g in groups.values()]))
+    path = lambda what: f"_{what}".join(os.path.splitext(args.plot))  # the further plots' names
+    curves = lambda f: {f"{name(g)}, lr {g[0]['settings']['lr']:g}": [f(r) for r in done(g)] for g in groups.values()}
     if args.plot:
-        common.plot({f"{label(g[0]['settings'])}, lr {g[0]['settings']['lr']:g}":
-                     [[[int(s), a] for s, a in r["accuracy"].items()] for r in done(g)] for g in groups.values()},
-                    args.plot, "value character accuracy (%)")
+        common.plot(curves(lambda r: [[int(s), a] for s, a in r["accuracy"].items()]), args.plot,
+                    "value character accuracy (%)")
+    if args.plot and pretrained:  # forgetting against memorising, each seed read at the levels between its first and best accuracy
+        common.plot(curves(lambda r: [[a, b] for a in range(5, 101, 5) if a >= r["accuracy"][str(args.eval_at[0])] and
+                                      (b := at_accuracy(r, a)) is not None]), path("forgetting"),
+                    "the base's bits per byte", "value character accuracy (%)")
+    if args.plot and len(args.pairs) > 1:  # a point per run at its pairs: the bands are over seeds
+        stored = {label(g[0]["settings"]): [] for g in groups.values()}
+        for r in (r for g in groups.values() for r in done(g)):
+            stored[label(r["settings"])].append([[r["settings"]["pairs"], r["value_bits"][last]]])
+        common.plot({**stored, "every value held (122 bits each)": [[[n, VALUE_BITS * n] for n in args.pairs]]},
+                    path("capacity"), "bits stored about the values", "pairs", "log")
 
 
 # -----------------------------------------------------------------------------
 # command line
 
-READERS = {"rank": ("lora", "mora", "variants"), "variant": ("mora", "all"), "lora_alpha": ("lora", "all")}
+READERS = {"rank": ("lora", "mora", "variants", "all"), "variant": ("mora", "all"), "lora_alpha": ("lora", "all")}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     setting = lambda k: " (default: " + "; ".join(f"{v[k]} with --setting {name}" for name, v in SETTINGS.items()) + ")"
     p.add_argument("--method", default="mora", choices=["fft", "lora", "mora", "all", "variants"],
-                   help="fft: train every weight; lora / mora: adapters on q, k, v, o, gate, up, down; all: the "
-                   "paper's five rows; variants: MoRA truncation, sharing, decoupling, rotation at --rank (Sec. 6.2)")
+                   help="fft: train every weight; lora / mora: adapters on q, k, v, o, gate, up, down; "
+                   "all: the paper's five rows, or FFT, LoRA and MoRA at --rank if given; "
+                   "variants: MoRA truncation, sharing, decoupling, rotation at --rank (Sec. 6.2)")
     p.add_argument("--rank", type=POSITIVE_INT, help="LoRA rank r; MoRA gets the same budget (default: 8)")
     p.add_argument("--variant", type=common.flag(resolve_variant), help="MoRA variant, name or official number "
                    "(default: the official advice, rotation below rank 128, sharing from 128)")
     p.add_argument("--setting", default="default", choices=list(SETTINGS),
                    help="default: width 128, fast on a CPU; paper-ratio: width 1024, ranks 8 and 256 truly low-rank")
-    p.add_argument("--pairs", type=POSITIVE_INT, help="number of key-value pairs" + setting("pairs"))
+    p.add_argument("--pairs", type=common.flag(lambda s: sorted({int(v) for v in s.split(",")}),
+                   lambda v: 0 < min(v) and max(v) < 2 ** 31, "comma-separated counts"),
+                   help="number of key-value pairs, or comma-separated counts to run each at" + setting("pairs"))
     p.add_argument("--steps", type=POSITIVE_INT, help="optimizer steps" + setting("steps"))
     p.add_argument("--eval-at", default="100,300,500,700,900", type=common.flag(
         lambda s: sorted({int(v) for v in s.split(",")}), lambda v: min(v) > 0, "comma-separated steps"),
@@ -287,6 +350,7 @@ def parse_args(argv=None):
         torch.set_num_threads(args.threads)
     for name, value in SETTINGS[args.setting].items():  # explicit flags override the setting
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    args.pairs = [args.pairs] if isinstance(args.pairs, int) else args.pairs
     common.check_run_flags(p, args, folders=[("--out", args.out)],
                            planned=[("--out", out_path(args, s)) for s in jobs(args)] if args.out else [])
     if args.eval_at[-1] > args.steps:
@@ -297,8 +361,8 @@ def parse_args(argv=None):
         LlamaConfig(dim=args.dim, n_heads=args.n_heads)
     except ValueError as e:
         p.error(f"--dim {args.dim} / --n-heads {args.n_heads}: {e}")
-    if args.batch_size > args.pairs:
-        common.note(f"--batch-size {args.batch_size} is larger than --pairs {args.pairs}: each step trains on all")
+    if args.batch_size > min(args.pairs):
+        common.note(f"--batch-size {args.batch_size} is larger than --pairs {min(args.pairs)}: each step trains on all")
     return args
 
 
@@ -308,14 +372,16 @@ def jobs(args):
     if args.method == "variants":
         rows = [("mora", args.rank or 8, v) for v in PAPER_TABLE4]
     else:
-        rows = ALL_RUNS if args.method == "all" else [(args.method, None if args.method == "fft" else args.rank or 8)]
+        rows = [(args.method, None if args.method == "fft" else args.rank or 8)]
+        if args.method == "all":  # with --rank: FFT, LoRA and MoRA at that rank
+            rows = [("fft", None), ("lora", args.rank), ("mora", args.rank)] if args.rank else ALL_RUNS
         rows = [(m, r, args.variant or ("rotation" if r < 128 else "sharing")) if m == "mora" else (m, r, None)
                 for m, r in rows]
-    shared = {k: getattr(args, k) for k in ("pairs", "steps", "batch_size", "warmup", "weight_decay", "eval_at",
+    shared = {k: getattr(args, k) for k in ("steps", "batch_size", "warmup", "weight_decay", "eval_at",
                                             "init_from", "dtype", "dim", "hidden_dim", "n_heads", "n_layers")}
-    return [{"method": m, "rank": r, "variant": v, "lr": lr, "seed": seed, **shared, "device": args.device.type,
+    return [{"method": m, "rank": r, "variant": v, "lr": lr, "seed": seed, "pairs": n, **shared, "device": args.device.type,
              "lora_alpha": (args.lora_alpha or r) if m == "lora" else None, "threads": torch.get_num_threads()}
-            for m, r, v in rows for lr in args.lr or [default_lr(m, r, v)]
+            for m, r, v in rows for n in args.pairs for lr in args.lr or [default_lr(m, r, v, bool(args.init_from))]
             for seed in range(args.seed, args.seed + args.seeds)]
 
 
@@ -335,7 +401,8 @@ def taken_run(run, args):
 
 
 def out_path(args, s):
-    name = [s["method"]] + ([f"r{s['rank']}"] if s["rank"] else []) + ([s["variant"]] if s["variant"] else [])
+    name = [s["method"]] + ([f"r{s['rank']}"] if s["rank"] else []) + ([s["variant"]] if s["variant"] else []) + (
+        [f"pairs{s['pairs']}"] if len(args.pairs) > 1 else [])
     return os.path.join(args.out, "_".join(name + [f"lr{s['lr']:g}", f"seed{s['seed']}"]) + ".pt")
 
 
@@ -360,7 +427,8 @@ def main(argv=None):
     if wide:
         common.note(f"rank {' and '.join(map(str, wide))} is over a quarter of the width {args.dim}, so not low-rank; "
                     f"--setting paper-ratio (width 1024) keeps ranks up to 256 low-rank")
-    print(f"{args.pairs} UUID pairs, {args.steps} steps of {args.batch_size} pairs, accuracy at steps {args.eval_at}, "
+    print(f"{', '.join(map(str, args.pairs))} UUID pairs, {args.steps} steps of {args.batch_size} pairs, "
+          f"evaluations at steps {args.eval_at}, "
           f"seeds {args.seed}..{args.seed + args.seeds - 1}, device {args.device} ({args.dtype}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.out:
