@@ -247,59 +247,69 @@ def label(settings):
 def at_accuracy(run, level):
     """The base's bits per byte where the run's accuracy first reaches level (%): linear between the evaluations
     around it, the first evaluation's if that one is past it already; None if the run never gets there."""
-    points = [(run["accuracy"][s], run["base_bpb"][s]) for s in sorted(run.get("base_bpb", {}), key=int)]
+    steps = sorted((s for s, b in run.get("base_bpb", {}).items() if b is not None), key=int)
+    points = [(run["accuracy"][s], run["base_bpb"][s]) for s in steps]
     for (a0, b0), (a1, b1) in zip(points[:1] + points, points):
         if a1 >= level:
             return b1 if a0 >= level else b0 + (b1 - b0) * (level - a0) / (a1 - a0)
 
 
+def forgetting_curve(run):
+    """[accuracy, the base's bits per byte] at each 5% of accuracy the run passes after its first evaluation."""
+    first = run["accuracy"][min(run["accuracy"], key=int)]
+    points = [[level, at_accuracy(run, level)] for level in range(5, 101, 5) if level >= first]
+    return [p for p in points if p[1] is not None]
+
+
+def rises(done, level):
+    """The base's rise in bits per byte where each seed first reaches level; the seeds that never do are said."""
+    found = [b - r["base_bpb_before"] for r in done if (b := at_accuracy(r, level)) is not None]
+    if not found:
+        return "not reached"
+    return common.spread(found, 3) + (f" ({len(found)} of {len(done)} seeds)" if len(found) < len(done) else "")
+
+
 def report(runs, args):
-    """The accuracy table (mean and (min-max) over seeds) with the bits stored, from a pretrained base the rise in its
-    bits per byte at matched accuracy, and the Sec. 6.1 singular-value counts."""
-    pretrained, groups, last = bool(args.init_from), {}, str(args.eval_at[-1])
-    for r in runs:  # one row per method, rank, variant, pairs and lr: its seeds
+    """Tables of rows (method, rank, variant, pairs, lr), mean (min-max) over their seeds: accuracy and value bits;
+    from a pretrained base, the base's rise at matched accuracy; Sec. 6.1's singular-value counts; the plots."""
+    groups = {}
+    for r in runs:
         groups.setdefault(tuple(r["settings"][k] for k in ("method", "rank", "variant", "pairs", "lr")), []).append(r)
-    name = lambda g: label(g[0]["settings"]) + f", {g[0]['settings']['pairs']} pairs" * (len(args.pairs) > 1) + "".join(
-        f" (seed {r['settings']['seed']} diverged)" for r in g if r["diverged"])
-    done = lambda g: [r for r in g if not r["diverged"]]
-    bits = lambda g, per: common.spread([r["value_bits"][last] / per(r) for r in done(g)
-                                         if last in r.get("value_bits", {})], 0 if per(g[0]) == 1 else 3)
+    rows = []  # (name, settings, the seeds that did not diverge)
+    for g in groups.values():
+        s = g[0]["settings"]
+        name = label(s) + (f", {s['pairs']} pairs" if len(args.pairs) > 1 else "")
+        name += "".join(f" (seed {r['settings']['seed']} diverged)" for r in g if r["diverged"])
+        rows.append((name, {**s, "params": g[0]["trainable_params"]}, [r for r in g if not r["diverged"]]))
+    last = str(args.eval_at[-1])
     shown = args.eval_at[::-1][::-(-len(args.eval_at) // 5)][::-1]  # five at most, the last among them
-    print(f"\nValue accuracy (%) generated greedily from the key, {', '.join(map(str, args.pairs))} pairs, "
-          + (f"mean (min-max) over {args.seeds} seeds:\n" if args.seeds > 1 else f"seed {args.seed}:\n"))
-    print(common.table(["run", "trainable params", "lr", *(f"step {s}" for s in shown), f"value bits, step {last}",
-                        "bits per param"], [[name(g), f"{g[0]['trainable_params']:,}", f"{g[0]['settings']['lr']:g}",
-        *(common.spread([r["accuracy"][str(s)] for r in done(g)]) for s in shown), bits(g, lambda r: 1),
-        bits(g, lambda r: r["trainable_params"])] for g in groups.values()]))
-    if pretrained:  # each seed read where it first reaches the level: the seeds that never do are said
-        rises = lambda g, a: [b - r["base_bpb_before"] for r in done(g) if (b := at_accuracy(r, a)) is not None]
+    bits = lambda done: [r["value_bits"][last] for r in done if last in r.get("value_bits", {})]
+    seeds = f"mean (min-max) over {args.seeds} seeds" if args.seeds > 1 else f"seed {args.seed}"
+    print(f"\nValue accuracy (%) generated greedily from the key, and the bits held about the values, {seeds}:\n")
+    print(common.table(
+        ["run", "trainable params", "lr", *(f"step {s}" for s in shown), f"value bits, step {last}", "bits a param"],
+        [[name, f"{s['params']:,}", f"{s['lr']:g}", *(common.spread([r["accuracy"][str(t)] for r in done]) for t in shown),
+          common.spread(bits(done), 0), common.spread([b / s["params"] for b in bits(done)], 3)]
+         for name, s, done in rows]))
+    if args.init_from:
         print("\nThe rise in the base's bits per byte at matched accuracy (linear between evaluations):\n")
-        print(common.table(["run", *(f"at {a}%" for a in MATCHED)], [[name(g), *(
-            common.spread(v, 3) + f" ({len(v)} of {len(done(g))} seeds)" * (len(v) < len(done(g))) if v
-            else "not reached" for v in (rises(g, a) for a in MATCHED))] for g in groups.values()]))
+        print(common.table(["run", *(f"at {a}%" for a in MATCHED)],
+                           [[name, *(rises(done, a) for a in MATCHED)] for name, _, done in rows]))
     if args.method == "variants":
         print("\nThe paper's Table 4, GSM8K accuracy (%) of LLaMA-2 7B (another task: compare the order):\n")
         print(common.table(["variant", "r=8", "r=256"], [[v, str(t[8]), str(t[256])] for v, t in PAPER_TABLE4.items()]))
     shapes = next((r["update_rank"] for r in runs if r["update_rank"]), {})
     print("\nSingular values of the learnt update W_final - W_init above 0.1 (Sec. 6.1), mean over layers:\n")
     print(common.table(["run", *(f"{p} {c['shape'][0]}x{c['shape'][1]}" for p, c in shapes.items())], [
-        [name(g), *(common.spread([r["update_rank"][p]["above_threshold"] for r in done(g)], 0) for p in shapes)]
-        for g in groups.values()]))
-    path = lambda what: f"_{what}".join(os.path.splitext(args.plot))  # the further plots' names
-    curves = lambda f: {f"{name(g)}, lr {g[0]['settings']['lr']:g}": [f(r) for r in done(g)] for g in groups.values()}
+        [name, *(common.spread([r["update_rank"][p]["above_threshold"] for r in done], 0) for p in shapes)]
+        for name, _, done in rows]))
     if args.plot:
-        common.plot(curves(lambda r: [[int(s), a] for s, a in r["accuracy"].items()]), args.plot,
+        curves = lambda f: {f"{name}, lr {s['lr']:g}": [f(r) for r in done] for name, s, done in rows}
+        common.plot(curves(lambda r: [[int(t), a] for t, a in r["accuracy"].items()]), args.plot,
                     "value character accuracy (%)")
-    if args.plot and pretrained:  # forgetting against memorising, each seed read at the levels between its first and best accuracy
-        common.plot(curves(lambda r: [[a, b] for a in range(5, 101, 5) if a >= r["accuracy"][str(args.eval_at[0])] and
-                                      (b := at_accuracy(r, a)) is not None]), path("forgetting"),
-                    "the base's bits per byte", "value character accuracy (%)")
-    if args.plot and len(args.pairs) > 1:  # a point per run at its pairs: the bands are over seeds
-        stored = {label(g[0]["settings"]): [] for g in groups.values()}
-        for r in (r for g in groups.values() for r in done(g)):
-            stored[label(r["settings"])].append([[r["settings"]["pairs"], r["value_bits"][last]]])
-        common.plot({**stored, "every value held (122 bits each)": [[[n, VALUE_BITS * n] for n in args.pairs]]},
-                    path("capacity"), "bits stored about the values", "pairs", "log")
+        if args.init_from:  # forgetting against memorising
+            common.plot(curves(forgetting_curve), "_forgetting".join(os.path.splitext(args.plot)),
+                        "the base's bits per byte", "value character accuracy (%)")
 
 
 # -----------------------------------------------------------------------------
