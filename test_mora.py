@@ -1412,6 +1412,11 @@ def test_uuid_an_interrupted_job_keeps_its_runs_and_resumes(tmp_path, monkeypatc
     out.write_text(json.dumps(doc))
     with pytest.raises(common.Fail, match=r"--resume: the run FFT, seed 0 in .* is damaged"):
         train_uuid.main(job + ["--resume"])
+    doc["runs"][0]["accuracy"]["2"] = 50.0
+    doc["runs"][0]["value_bits"]["4"] = "many"  # the bits stored are checked as the accuracy is
+    out.write_text(json.dumps(doc))
+    with pytest.raises(common.Fail, match=r"--resume: the run FFT, seed 0 in .* is damaged \(TypeError"):
+        train_uuid.main(job + ["--resume"])
 
 
 def test_uuid_a_model_file_that_cannot_be_written_names_it_and_keeps_the_figures(tmp_path, monkeypatch):

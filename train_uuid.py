@@ -330,13 +330,13 @@ def parse_args(argv=None):
                    "(default: the official advice, rotation below rank 128, sharing from 128)")
     p.add_argument("--setting", default="default", choices=list(SETTINGS),
                    help="default: width 128, fast on a CPU; paper-ratio: width 1024, ranks 8 and 256 truly low-rank")
-    p.add_argument("--pairs", type=common.flag(lambda s: sorted({int(v) for v in s.split(",")}),
-                   lambda v: 0 < min(v) and max(v) < 2 ** 31, "comma-separated counts"),
+    counts = lambda what: common.flag(lambda s: sorted({int(v) for v in s.split(",")}),
+                                      lambda v: 0 < v[0] and v[-1] < 2 ** 31, f"comma-separated {what}")
+    p.add_argument("--pairs", type=counts("counts"),
                    help="number of key-value pairs, or comma-separated counts to run each at" + setting("pairs"))
     p.add_argument("--steps", type=POSITIVE_INT, help="optimizer steps" + setting("steps"))
-    p.add_argument("--eval-at", default="100,300,500,700,900", type=common.flag(
-        lambda s: sorted({int(v) for v in s.split(",")}), lambda v: min(v) > 0, "comma-separated steps"),
-        help="steps at which to measure accuracy, the paper's and 100")
+    p.add_argument("--eval-at", default="100,300,500,700,900", type=counts("steps"),
+                   help="steps at which to measure accuracy and value bits (the paper's, and 100)")
     p.add_argument("--batch-size", type=POSITIVE_INT, help="pairs per step" + setting("batch_size"))
     p.add_argument("--lr", type=common.flag(lambda s: [RATE(v) for v in s.split(",")], lambda v: len(set(v)) == len(v),
                    "distinct rates"), help="peak learning rate, or "
@@ -398,12 +398,14 @@ def jobs(args):
 def taken_run(run, args):
     """A run that --resume takes from --json goes into the table as it is: it must hold what a run holds."""
     try:
-        acc, ranks = run["accuracy"], run["update_rank"]
-        assert isinstance(run["trainable_params"], int) and (run["diverged"] or (
-            all(0 <= acc[str(s)] <= 100 for s in args.eval_at) and all(int(s) > 0 for s in acc)
-            and math.isfinite(run["final_loss"])
-            and all(math.isfinite(c["above_threshold"]) for c in ranks.values())
-            and (not args.init_from or math.isfinite(run["base_bpb_after"] - run["base_bpb_before"]))))
+        assert isinstance(run["trainable_params"], int)
+        if not run["diverged"]:
+            acc, bpb = run["accuracy"], run.get("base_bpb", {}).values()
+            assert all(int(s) > 0 for s in acc) and all(0 <= acc[str(s)] <= 100 for s in args.eval_at)
+            numbers = [run["final_loss"], *(c["above_threshold"] for c in run["update_rank"].values()),
+                       *run.get("value_bits", {}).values(), *(b for b in bpb if b is not None)]
+            assert all(math.isfinite(v) for v in numbers)
+            assert not args.init_from or math.isfinite(run["base_bpb_after"] - run["base_bpb_before"])
     except (AssertionError, KeyError, TypeError, AttributeError, ValueError) as e:
         raise Fail(f"--resume: the run {label(run['settings'])}, seed {run['settings']['seed']} in {args.json} is "
                    f"damaged ({common.why(e)}); delete it from the file, or run without --resume") from None
