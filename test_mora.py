@@ -1563,7 +1563,10 @@ def test_uuid_from_a_pretrained_base_records_its_skill_at_each_evaluation(tmp_pa
         assert run["base_bpb"]["4"] == run["base_bpb_after"] and run["base_bpb"]["2"] > 0
         assert all(0 <= b <= 6 * 122 for b in run["value_bits"].values())
     printed = capsys.readouterr().out
-    assert "| run | at 50% | at 90% |" in printed and "| LoRA r=2 |" in printed
+    assert "| run | at 50% | at 90% | at step 4 |" in printed
+    rise = [r["base_bpb_after"] - r["base_bpb_before"] for r in runs]
+    row = next(line for line in printed.splitlines() if line.startswith("| LoRA r=2 | not reached"))
+    assert row.endswith(f"| {sum(rise) / 2:.3f} ({min(rise):.3f}-{max(rise):.3f}) |")  # the rise at the end
     assert plot.exists() and (tmp_path / "acc_forgetting.png").exists()
 
 

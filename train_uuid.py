@@ -293,8 +293,9 @@ def report(runs, args):
          for name, s, done in rows]))
     if args.init_from:
         print("\nThe rise in the base's bits per byte at matched accuracy (linear between evaluations):\n")
-        print(common.table(["run", *(f"at {a}%" for a in MATCHED)],
-                           [[name, *(rises(done, a) for a in MATCHED)] for name, _, done in rows]))
+        after = lambda done: common.spread([r["base_bpb_after"] - r["base_bpb_before"] for r in done], 3)
+        print(common.table(["run", *(f"at {a}%" for a in MATCHED), f"at step {last}"],
+                           [[name, *(rises(done, a) for a in MATCHED), after(done)] for name, _, done in rows]))
     if args.method == "variants":
         print("\nThe paper's Table 4, GSM8K accuracy (%) of LLaMA-2 7B (another task: compare the order):\n")
         print(common.table(["variant", "r=8", "r=256"], [[v, str(t[8]), str(t[256])] for v, t in PAPER_TABLE4.items()]))
