@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 class AdapterLinear(nn.Module):
     """A frozen nn.Linear W0 (`base`) plus a trained update dW. A subclass gives update(x) = dW x,
-    get_delta_weight() = dW by the same formula, reset_adapter() and its `settings` (saved state, below)."""
+    get_delta_weight() = dW by the same formula, reset_adapter() and `settings` (saved state)."""
 
     def __init__(self, base, r, dropout):
         super().__init__()
@@ -77,7 +77,7 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def folded(self, merge=True):
-        """W0 +/- dW, added in float32 at least and rounded once; refused when not finite (PEFT's safe_merge)."""
+        """W0 +/- dW, added in float32 at least, rounded once; refused if not finite (safe_merge)."""
         w = self.base.weight
         new = (w.to(torch.promote_types(w.dtype, torch.float32)) + (1 if merge else -1) * self.get_delta_weight())
         if not new.is_meta and not torch.isfinite(new := new.to(w.dtype)).all():
@@ -85,10 +85,10 @@ class AdapterLinear(nn.Module):
         return new
 
     # -------------------------------------------------------------------------
-    # Saved state: what gives the weights their meaning travels with them (a first reading can skip to LoRA).
-    # The layer's _extra_state is [kind, merged, *settings], one float64 tensor (safetensors stores tensors
-    # alone); a subclass names its settings (alpha, variant) and checks them in valid(). A load is checked
-    # before it changes anything: here for the layer, in check_states (apply_adapters) for a whole model.
+    # Saved state (a first reading can skip to LoRA): what gives the weights their meaning travels
+    # with them. _extra_state is [kind, merged, *settings], one float64 tensor (safetensors stores
+    # tensors alone); a subclass names its settings (alpha, variant) and checks them in valid().
+    # A load is checked before it changes anything: here for one layer, in check_states for a model.
 
     KINDS = ("LoRALinear", "MoRALinear")  # the first number of a saved state
 
@@ -100,8 +100,8 @@ class AdapterLinear(nn.Module):
         self.merged, self.settings = bool(state[1]), state[2:].tolist()
 
     def check_state(self, state_dict, prefix):
-        """Refused: another kind of adapter, settings the layer cannot take, a merged adapter without the
-        base.weight that holds its update."""
+        """Refused: another kind of adapter, settings the layer cannot take, a merged adapter
+        without the base.weight that holds its update."""
         saved, kind = state_dict.get(prefix + "_extra_state"), type(self).__name__
         if saved is None:
             return
@@ -116,12 +116,12 @@ class AdapterLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        # A zero-size 'weight' that no nn.Linear loads: from_pretrained of an unmerged save fails loudly
-        # where it would fill the layer with noise
+        # A zero-size 'weight' that no nn.Linear loads: from_pretrained of an unmerged save fails
+        # loudly where it would fill the layer with noise
         destination[prefix + "weight"] = torch.empty(0)
 
     def _load_from_state_dict(self, state_dict, prefix, metadata, strict, missing, unexpected, errors):
-        self.check_state(state_dict, prefix)  # the saved settings win: they say what the weights mean
+        self.check_state(state_dict, prefix)  # the saved settings win: they give the weights meaning
         super()._load_from_state_dict(state_dict, prefix, metadata, strict, missing, unexpected, errors)
         if prefix + "weight" in unexpected:  # the marker of _save_to_state_dict
             unexpected.remove(prefix + "weight")
@@ -132,15 +132,14 @@ class AdapterLinear(nn.Module):
 
 
 class LoRALinear(AdapterLinear):
-    """LoRA: A (r, k) Kaiming-uniform, B (d, r) zeros, so dW = 0 at the start. alpha defaults to r
-    (scaling 1); use_rslora scales by alpha / sqrt(r) instead (rsLoRA, as PEFT). Trainable: r (d + k)."""
+    """LoRA: A (r, k) Kaiming-uniform, B (d, r) zeros, so dW = 0 at the start; r (d + k) trained.
+    alpha defaults to r (scaling 1); use_rslora scales by alpha / sqrt(r) instead (rsLoRA, as PEFT)."""
 
     def __init__(self, base, r, alpha=None, dropout=0.0, use_rslora=False):
         super().__init__(base, r, dropout)
         self.settings = [r if alpha is None else alpha, use_rslora]  # alpha and use_rslora, checked
-        w = base.weight
-        self.A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))  # (r, k)
-        self.B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))  # (d, r)
+        self.A = nn.Parameter(base.weight.new_empty(r, self.in_features))  # (r, k)
+        self.B = nn.Parameter(base.weight.new_empty(self.out_features, r))  # (d, r)
         self.reset_adapter()
 
     @torch.no_grad()
@@ -152,7 +151,7 @@ class LoRALinear(AdapterLinear):
         return (x @ self.A.T * self.scaling) @ self.B.T
 
     def get_delta_weight(self):
-        """dW = (alpha / r) B A, (d, k), in float32 at least (differentiable; detach for analysis)."""
+        """dW = (alpha / r) B A, (d, k), in float32 at least (differentiable: detach to analyse)."""
         dtype = torch.promote_types(self.A.dtype, torch.float32)
         return self.B.to(dtype) @ self.A.to(dtype) * self.scaling
 
@@ -203,14 +202,14 @@ class Tile(torch.autograd.Function):
     def forward(v, n):
         if n < 2 * v.shape[-1]:  # x~: one wrap, written exactly
             return torch.cat([v, v[..., :n - v.shape[-1]]], -1)
-        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]  # T: many copies
+        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]  # T
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.length = inputs[0].shape[-1]
 
     @staticmethod
-    def backward(ctx, grad):  # the copies of each v_t added up (plain operations: a second derivative passes)
+    def backward(ctx, grad):  # each v_t's copies added up, in plain operations (differentiable)
         copies = -(-grad.shape[-1] // ctx.length)
         return F.pad(grad, (0, copies * ctx.length - grad.shape[-1])).unflatten(-1, (copies, ctx.length)).sum(-2), None
 
@@ -219,12 +218,12 @@ def split_blocks(x, r_hat, n):  # decoupling and rotation: x~ cut into n blocks 
     return cyclic_pad(x, n * r_hat).unflatten(-1, (n, r_hat))
 
 
-def chunk_sum(x, r_hat, n=1):  # CS (Eq. 6, sharing): the ceil(k / r^) blocks of x~ added up into one
+def chunk_sum(x, r_hat, n=1):  # CS (Eq. 6, sharing): the ceil(k / r^) blocks of x~ summed
     return split_blocks(x, r_hat, -(-x.shape[-1] // r_hat)).sum(-2, keepdim=True)
 
 
 def contiguous_groups(v, n_groups):
-    """v's last dimension in n_groups contiguous groups, the first (len mod n_groups) one larger: two views."""
+    """v's last dimension as n_groups contiguous groups, the first (len mod n_groups) one larger."""
     size, n_big = divmod(v.shape[-1], n_groups)
     split = n_big * (size + 1)
     return v[..., :split].unflatten(-1, (n_big, size + 1)), v[..., split:].unflatten(-1, (n_groups - n_big, size))
@@ -234,7 +233,7 @@ def group_sum(x, r_hat, n=1):  # GS: c_j = the sum of group j of the k inputs (n
     return torch.cat([group.sum(-1) for group in contiguous_groups(x, r_hat)], -1).unsqueeze(-2)
 
 
-def interleave(y, d):  # RI: out_i = y_g(i), each of r^ contiguous groups of the d outputs a copy of one value
+def interleave(y, d):  # RI: out_i = y_g(i), the d outputs in r^ contiguous groups
     size, n_big = divmod(d, y.shape[-1])
     return torch.cat([y[..., :n_big].repeat_interleave(size + 1, -1), y[..., n_big:].repeat_interleave(size, -1)], -1)
 
@@ -250,7 +249,7 @@ VARIANTS = {
     "sharing_cs_ri": (chunk_sum, interleave),
 }
 OFFICIAL_TYPES = {1: "sharing", 2: "sharing_gs_ri", 3: "sharing_gs_t", 4: "sharing_cs_ri", 6: "rotation"}
-REMORA_CYCLE = ("sharing", "sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri")  # official types 1 -> 2 -> 3 -> 4
+REMORA_CYCLE = ("sharing", "sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri")  # types 1 -> 2 -> 3 -> 4
 
 
 def resolve_variant(variant):
@@ -264,22 +263,22 @@ def resolve_variant(variant):
 
 
 def mora_rank(in_features, out_features, r, variant="rotation"):
-    """r^ = round(sqrt((d + k) r)), so r^ r^ ~= r (d + k), LoRA's parameter count at rank r (the paper
-    floors, the official code rounds). Rotation pairs dimensions: its r^ is even, 2 or more."""
+    """r^ = round(sqrt((d + k) r)), so r^ r^ ~= r (d + k), LoRA's parameter count at rank r (the
+    paper floors, the official code rounds). Rotation pairs dimensions: its r^ is even, 2 or more."""
     r_hat = int(math.sqrt((in_features + out_features) * r) + 0.5)
     return max(2, r_hat // 2 * 2) if resolve_variant(variant) == "rotation" else r_hat
 
 
 @functools.lru_cache(maxsize=64)  # ~10 small operations otherwise, in every forward of every layer
 def rope_cos_sin(dim, n_positions, theta=10000.0, dtype=torch.float32, device=torch.device("cpu")):
-    """Rotary tables (n_positions, dim): position i turns the pair (j, j + dim/2) by i theta^(-2j/dim),
+    """Rotary tables (n_positions, dim): position i turns the pair (j, j + dim/2) by i theta^(-2j/dim)
     for MoRA's rotation (Eq. 9: positions are blocks) and attention. Not buffers: a meta-device load
     or a cast cannot spoil them."""
-    with torch.inference_mode(False):  # a table first made under inference_mode must still serve training
+    with torch.inference_mode(False):  # a table made under inference_mode must serve training too
         exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=exact, device=device)[: dim // 2] / dim)
         angles = torch.outer(torch.arange(n_positions, dtype=exact, device=device), freqs)
-        angles = torch.cat([angles, angles], dim=-1)  # rotate-half convention: same angle for j and j + dim/2
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half: one angle for j and j + dim/2
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -294,9 +293,9 @@ def block_product(z, blocks):  # y_i = B_i z_i for each block i: (..., n, r^) an
 
 
 class BlockProduct(torch.autograd.Function):
-    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)), whose backward keeps x and M
-    alone; plain autograd keeps x~ (up to 1.5x x at r = 256) and rotation's n blocks M R_i (k r^ numbers).
-    The backward makes both again, through autograd: the gradients are autograd's own, to the last bit."""
+    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)), whose backward keeps x and
+    M alone (plain autograd keeps x~, up to 1.5x x, and rotation's blocks M R_i, k r^ numbers). It
+    makes both again, through autograd: the gradients are autograd's own, to the last bit."""
 
     generate_vmap_rule = True
 
@@ -311,7 +310,7 @@ class BlockProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
-        if torch.is_grad_enabled():  # create_graph, or torch.func's grad: the gradients below are not differentiable
+        if torch.is_grad_enabled():  # create_graph or torch.func: the gradients below are not differentiable
             raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph, "
                                "torch.func.grad or jacrev); the other variants have")
         (x, M), layer = ctx.saved_tensors, ctx.layer
@@ -319,7 +318,7 @@ class BlockProduct(torch.autograd.Function):
             x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()
             z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
         grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2))
-        grad_B = torch.einsum("...no,...ni->noi", grad, z.detach().to(grad.dtype))  # summed over the tokens
+        grad_B = torch.einsum("...no,...ni->noi", grad, z.detach().to(grad.dtype))  # summed over tokens
         if not x.requires_grad:
             return None, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
         return (*torch.autograd.grad((z, B), (x, M), (grad_z.to(z.dtype), grad_B.to(B.dtype))), None)
@@ -327,19 +326,18 @@ class BlockProduct(torch.autograd.Function):
 
 class MoRALinear(AdapterLinear):
     """MoRA: dW x = f_decomp(M f_comp(x)), M (r^ x r^) zero-initialised, no alpha / r scaling. r is
-    LoRA's rank for the same budget, r^ = mora_rank(k, d, r, variant); `variant` is a name in VARIANTS
-    or its official number. Truncation and the sharing family (Eq. 6, ReMoRA's groupings) reach rank
-    r^; decoupling and rotation are block-diagonal, dW = diag(M R_1, ..., M R_n), R_i = I (decoupling)
-    or the turn of block i by the angles i theta_j (rotation, Eq. 9: RoPE across blocks), and reach
-    min(d, k). Rotation suits small r (M alone is small), sharing large r (as cheap as LoRA).
-    Exact for every shape (k or d not divisible by r^, r^ >= k, r^ > 2k)."""
+    LoRA's rank for the same budget, r^ = mora_rank(k, d, r, variant); `variant` is a name in
+    VARIANTS or its official number. Truncation and the sharing family (Eq. 6, ReMoRA's groupings)
+    reach rank r^; decoupling and rotation are block-diagonal, dW = diag(M R_1, ..., M R_n), R_i = I
+    (decoupling) or the turn of block i by the angles i theta_j (rotation, Eq. 9: RoPE across
+    blocks), and reach min(d, k). Rotation suits small r (M alone is small), sharing large r (as
+    cheap as LoRA). Exact for every shape (k or d not divisible by r^, r^ >= k, r^ > 2k)."""
 
     def __init__(self, base, r, variant="rotation", dropout=0.0):
         super().__init__(base, r, dropout)
         self.variant = resolve_variant(variant)
         self.r_hat = mora_rank(self.in_features, self.out_features, r, self.variant)
-        w = base.weight
-        self.M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, device=w.device, dtype=w.dtype))
+        self.M = nn.Parameter(base.weight.new_zeros(self.r_hat, self.r_hat))  # (r^, r^)
 
     @property
     def n_blocks(self):  # n: blocks that have outputs to keep (decoupling, rotation), else 1
@@ -364,8 +362,8 @@ class MoRALinear(AdapterLinear):
         return f_decomp(y.flatten(-2), self.out_features)
 
     def get_delta_weight(self):
-        """dW (d, k), in float32 at least (differentiable; detach for analysis). The update is linear: dW^T
-        is update() of the k unit vectors, taken 1024 at a time (not k x k at once)."""
+        """dW (d, k), in float32 at least (differentiable; detach for analysis). The update is
+        linear: dW^T is update() of the k unit vectors, taken 1024 at a time (not k x k at once)."""
         dtype, k = torch.promote_types(self.M.dtype, torch.float32), self.in_features
         units = lambda i: F.one_hot(torch.arange(i, min(i + 1024, k), device=self.M.device), k).to(dtype)
         return torch.cat([self.update(units(i), self.M.to(dtype)) for i in range(0, k, 1024)]).T
@@ -375,7 +373,7 @@ class MoRALinear(AdapterLinear):
         self.M.zero_()
 
     def merge_and_reinit(self):
-        """ReMoRA (Sec. 5.3): also move the sharing family to its next grouping, so that merges add new directions."""
+        """ReMoRA (Sec. 5.3): the sharing family moves to its next grouping: merges add new directions."""
         super().merge_and_reinit()
         if self.variant in REMORA_CYCLE:
             self.variant = REMORA_CYCLE[(REMORA_CYCLE.index(self.variant) + 1) % len(REMORA_CYCLE)]
@@ -401,12 +399,12 @@ class MoRALinear(AdapterLinear):
 # -----------------------------------------------------------------------------
 # 2. Putting adapters into a model (names as in loralib / PEFT)
 
-DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # this file's Llama; Hugging Face's: q_proj ... down_proj
+DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # this file's Llama (Hugging Face: q_proj ...)
 CONV1D = "; GPT-2's Conv1D holds its weight transposed: convert it to nn.Linear first (README)"
 
 
 def matches(name, targets):
-    """PEFT's rule: a target matches a module whose dotted name equals it or ends with "." + target."""
+    """PEFT's rule: a target matches a module whose dotted name is it or ends with "." + target."""
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -423,10 +421,11 @@ def check_each(layers, check):  # every check made before any change: an error n
 
 
 def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_kwargs):
-    """Wrap the targeted nn.Linear layers with a LoRALinear or MoRALinear, freeze everything else, return
-    the model. Targets follow PEFT (`matches`): "q" matches every layers.N.attn.q; "all-linear" takes every
-    nn.Linear but the output head. A layer whose weight is tied to another's (a head sharing the embedding)
-    gets its own copy, with a warning. All checks come before any change: on an error the model is as it was."""
+    """Wrap the targeted nn.Linear layers with a LoRALinear or MoRALinear, freeze everything else,
+    return the model. Targets follow PEFT (`matches`): "q" matches every layers.N.attn.q;
+    "all-linear" takes every nn.Linear but the output head. A layer whose weight is tied to
+    another's (a head sharing the embedding) gets its own copy, with a warning. All checks come
+    before any change: on an error the model is as it was."""
     layer_cls = {"lora": LoRALinear, "mora": MoRALinear}.get(method)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if layer_cls is None:
@@ -441,7 +440,7 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
     for name, module in model.named_modules():
         if not name or name.startswith(skipped):
             continue
-        if isinstance(module, (AdapterLinear, nn.MultiheadAttention)):  # MHA reads out_proj.weight directly
+        if isinstance(module, (AdapterLinear, nn.MultiheadAttention)):  # MHA reads out_proj.weight itself
             skipped += (name + ".",)
         hits = {"all-linear"} if all_linear and isinstance(module, nn.Linear) and module is not head else \
             {t for t in targets if matches(name, (t,))}
@@ -473,7 +472,7 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
     return model
 
 
-def check_states(model, state_dict, prefix, *args):  # apply_adapters' hook: a load is checked whole, then made
+def check_states(model, state_dict, prefix, *args):  # apply_adapters' hook: a load checked whole first
     layers = [(prefix + name, layer) for name, layer in adapter_layers(model)]
     check_each(layers, lambda name, layer: layer.check_state(state_dict, name + "."))
 
@@ -481,7 +480,7 @@ def check_states(model, state_dict, prefix, *args):  # apply_adapters' hook: a l
 @contextlib.contextmanager
 def disable_adapters(model):
     """Inside, every adapter layer computes W0 x alone (PEFT's disable_adapter()): the base model, for
-    free. Leaving restores each layer's state as found, so blocks nest; merging inside is refused."""
+    free. Leaving restores each layer as found, so blocks nest; merging inside is refused."""
     layers = [layer for _, layer in adapter_layers(model)]
     found = [layer.disabled for layer in layers]
     if any(layer.merged for layer in layers):
@@ -501,9 +500,10 @@ def _replace(model, name, module):
 
 
 def merge_and_unload(model):
-    """Merge every adapter into its base layer and put the plain nn.Linear back; returns the model."""
+    """Merge every adapter into its base layer and put the plain nn.Linear back; return the model."""
     layers = adapter_layers(model)
-    check_each([(n, l) for n, l in layers if not l.merged], lambda name, layer: layer.folded())  # all or nothing
+    unmerged = [(name, layer) for name, layer in layers if not layer.merged]
+    check_each(unmerged, lambda name, layer: layer.folded())  # all or nothing
     for name, layer in layers:
         if not layer.merged:
             layer.merge()
@@ -521,8 +521,7 @@ def adapter_state_dict(model):
 
 
 def load_adapter_state_dict(model, state_dict):
-    """Load what adapter_state_dict saved: a missing or unexpected key, another shape, NaN or inf is a
-    ValueError."""
+    """Load what adapter_state_dict saved; a missing or unexpected key, a shape, NaN or inf: ValueError."""
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
@@ -535,15 +534,15 @@ def load_adapter_state_dict(model, state_dict):
     return model
 
 
-# Adapters that travel: PEFT's folder, as stock PEFT writes LoRA and the official fork MoRA (M as lora_A and lora_B)
+# Adapters that travel: PEFT's folder, as stock PEFT writes LoRA and the official fork MoRA
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float8 has no isfinite
 
 
-def is_targets(value):  # PEFT's target_modules and exclude_modules: a list of suffixes, or a regex matched in full
+def is_targets(value):  # PEFT's target_modules, exclude_modules: a list of suffixes, or a full-match regex
     if isinstance(value, list):
         return all(isinstance(t, str) for t in value)
-    with contextlib.suppress(re.error, RecursionError, TypeError):  # TypeError: neither a list nor a string
+    with contextlib.suppress(re.error, RecursionError, TypeError):  # TypeError: not a list, not a string
         return value is None or bool(re.compile(value))
     return False
 
@@ -563,7 +562,7 @@ CONFIG_FIELDS = {
     "lora_dropout": lambda v: type(v) in (int, float) and 0 <= v < 1, "use_rslora": one_of(True, False),
     "target_modules": is_targets, "exclude_modules": is_targets, "use_mora": one_of(True, False),
     "mora_type": lambda v: v is None or type(v) is int and v in OFFICIAL_TYPES, "mora_variant": one_of(*VARIANTS),
-    "init_lora_weights": one_of(True, False, "gaussian"),  # how training began: the saved A and B are what they are
+    "init_lora_weights": one_of(True, False, "gaussian"),  # how training began: A and B are as saved
     **dict.fromkeys(("task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                      "peft_version"), ANY),
     "megatron_core": one_of("megatron.core"), "qalora_group_size": one_of(16),
@@ -573,8 +572,8 @@ CONFIG_FIELDS = {
 
 def read_adapter_folder(directory):
     """The config and weights of a PEFT folder, read whole first. A file that is not regular (a FIFO
-    would block), a config that is not UTF-8 JSON or asks what CONFIG_FIELDS does not allow, weights that
-    are not safetensors: one ValueError naming the file. A missing file: the system's error, naming it."""
+    would block), a config that is not UTF-8 JSON or asks what CONFIG_FIELDS does not allow, weights
+    that are not safetensors: one ValueError naming the file (a missing one: the system's error)."""
     paths = [os.path.join(directory, name) for name in ADAPTER_FILES]
     for path in paths:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -600,11 +599,11 @@ def read_adapter_folder(directory):
 
 @contextlib.contextmanager
 def atomic_files(paths, mode="wb", replace=True, follow_links=True):
-    """Files to write, renamed to their paths in order once all are whole on disk: each file is the old
-    one or the new one, never a part, and a failure before the renames leaves the old. Only a crash
-    between two renames can mix them: name last the file that says what the others mean. replace=False:
-    FileExistsError, never a replace. follow_links=False replaces a symbolic link itself, not its
-    target. The temporaries get the umask's permissions."""
+    """Files to write, renamed to their paths in order once all are whole on disk: each file is the
+    old one or the new one, never a part, and a failure before the renames leaves the old. Only a
+    crash between two renames can mix them: name last the file that says what the others mean.
+    replace=False: FileExistsError, never a replace. follow_links=False replaces a symbolic link
+    itself, not its target. The temporaries get the umask's permissions."""
     paths = [os.path.realpath(p) if follow_links else os.path.abspath(p) for p in paths]
     folders = [p for p in paths if os.path.isdir(p)]
     if folders:  # a rename onto it would fail half-way through
@@ -627,9 +626,9 @@ def atomic_files(paths, mode="wb", replace=True, follow_links=True):
 
 
 def save_adapter(model, directory):
-    """Write the adapters to a folder PEFT reads: LoRA as stock PEFT's LoRA, MoRA as the official fork's
-    (use_mora, mora_type). Truncation and decoupling have no official number: they are saved under this
-    project's own key mora_variant, which the fork does not read. Needs one setting for all layers."""
+    """Write the adapters to a folder PEFT reads: LoRA as stock PEFT's LoRA, MoRA as the official
+    fork's (use_mora, mora_type). Truncation and decoupling have no official number: they are saved
+    under this project's own key mora_variant, which the fork does not read. One setting for all."""
     layers = adapter_layers(model)
     adapter_state_dict(model)  # refuses merged adapters
     kinds = {(type(layer), layer.r, tuple(layer.settings), getattr(layer.dropout, "p", 0.0)) for _, layer in layers}
@@ -655,18 +654,18 @@ def save_adapter(model, directory):
                for n, layer in layers for ab in "AB"}
     from safetensors.torch import save  # only now: what is refused above needs no safetensors
     os.makedirs(directory, exist_ok=True)
-    paths = [os.path.join(directory, n) for n in ADAPTER_FILES[::-1]]  # the config last: it says what the weights mean
-    with atomic_files(paths, follow_links=False) as (st_file, json_file):  # a link in the folder is replaced
+    paths = [os.path.join(directory, n) for n in ADAPTER_FILES[::-1]]  # the config, which gives them meaning, last
+    with atomic_files(paths, follow_links=False) as (st_file, json_file):  # a link there is replaced
         st_file.write(save(tensors))
         json_file.write(json.dumps(config, indent=2).encode())
 
 
 def load_adapter(model, directory):
-    """Put the adapters of a PEFT folder, stock LoRA (any alpha, rsLoRA) or official MoRA (types 1, 2,
-    3, 4, 6), on the modules its keys name, load their weights and return the model: its outputs are
-    those of the model saved. What would load wrongly without a word is a ValueError, before any change:
-    a config field not honoured here, a key that names no target, a target without weights, a shape."""
-    if adapter_layers(model):  # its adapters' weights are no part of the folder: the load would fail half-way
+    """Put the adapters of a PEFT folder, stock LoRA (any alpha, rsLoRA) or official MoRA (types 1,
+    2, 3, 4, 6), on the modules its keys name, load their weights and return the model: its outputs
+    are those of the model saved. What would load wrongly without a word is a ValueError, before any
+    change: a config field not honoured here, a key naming no target, a target without weights."""
+    if adapter_layers(model):  # their weights are no part of the folder: the load would fail half-way
         raise ValueError("load_adapter needs a model without adapters (merge_and_unload them first)")
     config, weights = read_adapter_folder(directory)
     modules, names = dict(model.named_modules()), {}
@@ -730,7 +729,7 @@ class LlamaConfig:
             raise ValueError(f"dim {self.dim} does not split into {self.n_heads} heads of even size (rotary pairs)")
 
 
-# ReLoRA's and the paper's LLaMA sizes (Sec. 5.3) at a 32k vocabulary; "tiny" for tests. LlamaConfig(**PRESETS["60m"])
+# ReLoRA's and the paper's LLaMA sizes (Sec. 5.3), 32k vocabulary; "tiny" for tests. LlamaConfig(**PRESETS["60m"])
 PRESETS = {
     "tiny": dict(dim=64, hidden_dim=176, n_heads=4, n_layers=2),
     "9m": dict(dim=128, hidden_dim=352, n_heads=4, n_layers=4),
