@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 
 class AdapterLinear(nn.Module):
-    """A frozen nn.Linear W0 (`base`) plus a trained update dW. A subclass gives update(x) = dW x, get_delta_weight()
-    = dW from the same formula, reset_adapter() and the `settings` that give its weights their meaning."""
+    """A frozen nn.Linear W0 (`base`) plus a trained update dW. A subclass gives update(x) = dW x,
+    get_delta_weight() = dW by the same formula, reset_adapter() and `settings` (saved state)."""
 
     def __init__(self, base, r, dropout):
         super().__init__()
@@ -33,10 +33,10 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"rank r must be a positive integer, got {r!r}")
-        self.base = base.requires_grad_(False)
-        self.r = r
         if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
             raise ValueError(f"dropout must be a number from 0 to below 1, got {dropout!r}")
+        self.base = base.requires_grad_(False)
+        self.r = r
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the adapter's input only
         self.merged = self.disabled = False
         self.reinits = 0  # merge_and_reinit calls: W0 holds what the adapter learnt before
@@ -52,10 +52,10 @@ class AdapterLinear(nn.Module):
             return self.base(x)
         return self.base(x) + self.update(self.dropout(x))
 
-    def merge(self):
+    def merge(self):  # W0 <- W0 + dW
         self._fold(merge=True)
 
-    def unmerge(self):
+    def unmerge(self):  # W0 <- W0 - dW
         self._fold(merge=False)
 
     def merge_and_reinit(self):
@@ -67,53 +67,64 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def _fold(self, merge):
+        word = "merge" if merge else "unmerge"
         if self.disabled:  # inside disable_adapters: merging would put the adapter into the outputs
-            raise ValueError(f"{'merge' if merge else 'unmerge'} inside disable_adapters is refused")
+            raise ValueError(f"{word} inside disable_adapters is refused")
         if merge == self.merged:
-            return warnings.warn(f"adapter already {'merged' if merge else 'unmerged'}; nothing done", stacklevel=3)
+            return warnings.warn(f"adapter already {word}d; nothing done", stacklevel=3)
         self.base.weight.copy_(self.folded(merge))
         self.merged = merge
 
     @torch.no_grad()
     def folded(self, merge=True):
-        """W0 +/- dW, added in float32 at least and rounded once; refused when not finite (PEFT's safe_merge)."""
+        """W0 +/- dW, added in float32 at least, rounded once; refused if not finite (safe_merge)."""
         w = self.base.weight
         new = (w.to(torch.promote_types(w.dtype, torch.float32)) + (1 if merge else -1) * self.get_delta_weight())
         if not new.is_meta and not torch.isfinite(new := new.to(w.dtype)).all():
             raise ValueError(f"{type(self).__name__}({self.extra_repr()}): W0 +/- dW is not finite; W0 left unchanged")
         return new
 
-    def get_extra_state(self):  # one float64 tensor, which safetensors can store: [kind, merged, settings]
-        kind = ADAPTER_KINDS.index(type(self).__name__)
+    # -------------------------------------------------------------------------
+    # Saved state (a first reading can skip to LoRA): what gives the weights their meaning travels
+    # with them. _extra_state is [kind, merged, *settings], one float64 tensor (safetensors stores
+    # tensors alone); a subclass names its settings (alpha, variant) and checks them in valid().
+    # A load is checked before it changes anything: here for one layer, in check_states for a model.
+
+    KINDS = ("LoRALinear", "MoRALinear")  # the first number of a saved state
+
+    def get_extra_state(self):
+        kind = self.KINDS.index(type(self).__name__)
         return torch.tensor([kind, self.merged, *self.settings], dtype=torch.float64)
 
     def set_extra_state(self, state):
         self.merged, self.settings = bool(state[1]), state[2:].tolist()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # and a zero-size 'weight' that no nn.Linear
-        # loads: from_pretrained of an unmerged save then fails loudly, where it would fill the layer with noise
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = torch.empty(0)
-
     def check_state(self, state_dict, prefix):
-        """Refused: another kind of adapter, settings the layer cannot take, a merged adapter without the base.weight
-        holding its update. Checked before any change, of this layer or, through apply_adapters, of the model."""
+        """Refused: another kind of adapter, settings the layer cannot take, a merged adapter
+        without the base.weight that holds its update."""
         saved, kind = state_dict.get(prefix + "_extra_state"), type(self).__name__
         if saved is None:
             return
+        number = self.KINDS.index(kind)
         if not (torch.is_tensor(saved) and saved.shape == (2 + len(self.settings),) and saved[1] in (0, 1)
-                and saved[0] == ADAPTER_KINDS.index(kind)):
+                and saved[0] == number):
             raise ValueError(f"the saved state {saved.tolist() if torch.is_tensor(saved) else saved!r} "
-                             f"is not a {kind}'s [kind {ADAPTER_KINDS.index(kind)}, merged, settings]")
+                             f"is not a {kind}'s [kind {number}, merged, settings]")
         self.valid(saved[2:].tolist())
         if prefix + "base.weight" not in state_dict and (saved[1] or self.merged):
             raise ValueError("a merged adapter loads only with its base.weight, into an unmerged layer")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):  # the saved settings (alpha, variant) win: they say
-        self.check_state(state_dict, prefix)                      # what the weights mean
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        if prefix + "weight" in args[3]:  # the marker of _save_to_state_dict
-            args[3].remove(prefix + "weight")
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # A zero-size 'weight' that no nn.Linear loads: from_pretrained of an unmerged save fails
+        # loudly where it would fill the layer with noise
+        destination[prefix + "weight"] = torch.empty(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, metadata, strict, missing, unexpected, errors):
+        self.check_state(state_dict, prefix)  # the saved settings win: they give the weights meaning
+        super()._load_from_state_dict(state_dict, prefix, metadata, strict, missing, unexpected, errors)
+        if prefix + "weight" in unexpected:  # the marker of _save_to_state_dict
+            unexpected.remove(prefix + "weight")
 
 
 # -----------------------------------------------------------------------------
@@ -121,15 +132,14 @@ class AdapterLinear(nn.Module):
 
 
 class LoRALinear(AdapterLinear):
-    """LoRA: A (r, k) Kaiming-uniform, B (d, r) zeros, so dW = 0 at the start. alpha defaults to r (scaling 1);
-    use_rslora scales by alpha / sqrt(r) instead (rsLoRA, as PEFT). Trainable parameters: r (d + k)."""
+    """LoRA: A (r, k) Kaiming-uniform, B (d, r) zeros, so dW = 0 at the start; r (d + k) trained.
+    alpha defaults to r (scaling 1); use_rslora scales by alpha / sqrt(r) instead (rsLoRA, as PEFT)."""
 
     def __init__(self, base, r, alpha=None, dropout=0.0, use_rslora=False):
         super().__init__(base, r, dropout)
-        self.settings = [r if alpha is None else alpha, use_rslora]
-        w = base.weight
-        self.A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
-        self.B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
+        self.settings = [r if alpha is None else alpha, use_rslora]  # alpha and use_rslora, checked
+        self.A = nn.Parameter(base.weight.new_empty(r, self.in_features))  # (r, k)
+        self.B = nn.Parameter(base.weight.new_empty(self.out_features, r))  # (d, r)
         self.reset_adapter()
 
     @torch.no_grad()
@@ -141,12 +151,15 @@ class LoRALinear(AdapterLinear):
         return (x @ self.A.T * self.scaling) @ self.B.T
 
     def get_delta_weight(self):
-        """The explicit (d, k) update, in float32 at least (differentiable; detach for analysis)."""
+        """dW = (alpha / r) B A, (d, k), in float32 at least (differentiable: detach to analyse)."""
         dtype = torch.promote_types(self.A.dtype, torch.float32)
         return self.B.to(dtype) @ self.A.to(dtype) * self.scaling
 
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
+
     @property
-    def settings(self):  # A and B mean nothing without their scaling
+    def settings(self):  # saved state: A and B mean nothing without their scaling
         return [self.alpha, float(self.use_rslora)]
 
     @settings.setter
@@ -162,14 +175,11 @@ class LoRALinear(AdapterLinear):
             raise ValueError(f"LoRA use_rslora must be a bool, got {rslora!r}")
         return alpha, bool(rslora)
 
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
-
 
 # -----------------------------------------------------------------------------
-# MoRA: dW x = f_decomp(M f_comp(x)), M square (r^ x r^), zero-initialised, no scaling. f_comp takes the k
-# inputs (last dimension) to n blocks of r^ values, (..., n, r^): n = 1 but for decoupling and rotation.
-# f_decomp takes the n r^ outputs, side by side, to d.
+# MoRA: dW x = f_decomp(M f_comp(x)), M square (r^ x r^), zero-initialised, no scaling. f_comp takes
+# the k inputs (last dimension) to n blocks of r^ values, (..., n, r^): n = 1 but for decoupling and
+# rotation. f_decomp takes the n r^ outputs, side by side, to d.
 
 
 def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n
@@ -183,24 +193,23 @@ def cyclic_pad(v, n):
 
 
 class Tile(torch.autograd.Function):
-    """cyclic_pad as one step of autograd's graph. x~ (one wrap) is written exactly: a wider tile cut to n is up to
-    twice x, and a concatenation of x and its head would make x's gradient a sum of more terms, added in another
-    order. The backward adds the copies of each v_t as autograd did, to the last bit."""
+    """cyclic_pad as one step of autograd's graph, so that the gradients are added as autograd adds
+    them, to the last bit. One wrap (x~) is written exactly: a wider tile cut to n is up to 2x x."""
 
-    generate_vmap_rule = True  # torch.func's transforms (vmap, jacrev) take it as they take plain operations
+    generate_vmap_rule = True  # torch.func's transforms (vmap, jacrev) take it as a plain operation
 
     @staticmethod
     def forward(v, n):
         if n < 2 * v.shape[-1]:  # x~: one wrap, written exactly
             return torch.cat([v, v[..., :n - v.shape[-1]]], -1)
-        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]  # T: many copies
+        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]  # T
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.length = inputs[0].shape[-1]
 
     @staticmethod
-    def backward(ctx, grad):  # the copies of each v_t added up (in plain operations: a second derivative passes)
+    def backward(ctx, grad):  # each v_t's copies added up, in plain operations (differentiable)
         copies = -(-grad.shape[-1] // ctx.length)
         return F.pad(grad, (0, copies * ctx.length - grad.shape[-1])).unflatten(-1, (copies, ctx.length)).sum(-2), None
 
@@ -209,12 +218,12 @@ def split_blocks(x, r_hat, n):  # decoupling and rotation: x~ cut into n blocks 
     return cyclic_pad(x, n * r_hat).unflatten(-1, (n, r_hat))
 
 
-def chunk_sum(x, r_hat, n=1):  # CS (Eq. 6, sharing): the ceil(k / r^) blocks of x~ added up into one
+def chunk_sum(x, r_hat, n=1):  # CS (Eq. 6, sharing): the ceil(k / r^) blocks of x~ summed
     return split_blocks(x, r_hat, -(-x.shape[-1] // r_hat)).sum(-2, keepdim=True)
 
 
 def contiguous_groups(v, n_groups):
-    """v's last dimension cut into n_groups contiguous groups, the first (len mod n_groups) one larger: two views."""
+    """v's last dimension as n_groups contiguous groups, the first (len mod n_groups) one larger."""
     size, n_big = divmod(v.shape[-1], n_groups)
     split = n_big * (size + 1)
     return v[..., :split].unflatten(-1, (n_big, size + 1)), v[..., split:].unflatten(-1, (n_groups - n_big, size))
@@ -224,12 +233,12 @@ def group_sum(x, r_hat, n=1):  # GS: c_j = the sum of group j of the k inputs (n
     return torch.cat([group.sum(-1) for group in contiguous_groups(x, r_hat)], -1).unsqueeze(-2)
 
 
-def interleave(y, d):  # RI: out_i = y_g(i), each of r^ contiguous groups of the d outputs a copy of one value
+def interleave(y, d):  # RI: out_i = y_g(i), the d outputs in r^ contiguous groups
     size, n_big = divmod(d, y.shape[-1])
     return torch.cat([y[..., :n_big].repeat_interleave(size + 1, -1), y[..., n_big:].repeat_interleave(size, -1)], -1)
 
 
-# variant: (f_comp, f_decomp). The order is part of the saved format (_extra_state holds an index).
+# variant: (f_comp, f_decomp). The order is part of the saved state (it holds an index).
 VARIANTS = {
     "truncation": (lambda x, r_hat, n=1: zero_pad(x, r_hat).unsqueeze(-2), zero_pad),
     "sharing": (chunk_sum, cyclic_pad),  # Eq. 6: CS, T
@@ -240,8 +249,7 @@ VARIANTS = {
     "sharing_cs_ri": (chunk_sum, interleave),
 }
 OFFICIAL_TYPES = {1: "sharing", 2: "sharing_gs_ri", 3: "sharing_gs_t", 4: "sharing_cs_ri", 6: "rotation"}
-REMORA_CYCLE = ("sharing", "sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri")  # official types 1 -> 2 -> 3 -> 4
-ADAPTER_KINDS = ("LoRALinear", "MoRALinear")  # the first number of a saved adapter state
+REMORA_CYCLE = ("sharing", "sharing_gs_ri", "sharing_gs_t", "sharing_cs_ri")  # types 1 -> 2 -> 3 -> 4
 
 
 def resolve_variant(variant):
@@ -255,21 +263,22 @@ def resolve_variant(variant):
 
 
 def mora_rank(in_features, out_features, r, variant="rotation"):
-    """r^ = round(sqrt((d + k) r)), so r^ * r^ ~= r (d + k), LoRA's parameter count at rank r (the paper writes a
-    floor, the official code rounds). Rotation pairs dimensions: its r^ is rounded down to an even number, 2 or more."""
+    """r^ = round(sqrt((d + k) r)), so r^ r^ ~= r (d + k), LoRA's parameter count at rank r (the
+    paper floors, the official code rounds). Rotation pairs dimensions: its r^ is even, 2 or more."""
     r_hat = int(math.sqrt((in_features + out_features) * r) + 0.5)
     return max(2, r_hat // 2 * 2) if resolve_variant(variant) == "rotation" else r_hat
 
 
 @functools.lru_cache(maxsize=64)  # ~10 small operations otherwise, in every forward of every layer
 def rope_cos_sin(dim, n_positions, theta=10000.0, dtype=torch.float32, device=torch.device("cpu")):
-    """Rotary tables (n_positions, dim): position i turns the pair (j, j + dim/2) by i * theta^(-2j/dim), for MoRA's
-    rotation (Eq. 9: positions are blocks) and attention. Not buffers: a meta-device load or a cast cannot spoil them"""
-    with torch.inference_mode(False):  # a table first made under inference_mode must still serve training
+    """Rotary tables (n_positions, dim): position i turns the pair (j, j + dim/2) by i theta^(-2j/dim)
+    for MoRA's rotation (Eq. 9: positions are blocks) and attention. Not buffers: a meta-device load
+    or a cast cannot spoil them."""
+    with torch.inference_mode(False):  # a table made under inference_mode must serve training too
         exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=exact, device=device)[: dim // 2] / dim)
         angles = torch.outer(torch.arange(n_positions, dtype=exact, device=device), freqs)
-        angles = torch.cat([angles, angles], dim=-1)  # rotate-half convention: same angle for j and j + dim/2
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half: one angle for j and j + dim/2
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -284,10 +293,9 @@ def block_product(z, blocks):  # y_i = B_i z_i for each block i: (..., n, r^) an
 
 
 class BlockProduct(torch.autograd.Function):
-    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)) with a backward of its own, which keeps x
-    and M alone, all MoRA needs for its gradients: plain autograd keeps x~ (x padded to n r^, up to 1.5 x at r = 256)
-    and rotation's n blocks M R_i (k r^ numbers). The backward makes both again (T n r^ and n r^^2 work, against
-    T n r^^2 for the products), through autograd, so that the gradients are autograd's own (tests: to the last bit)."""
+    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)), whose backward keeps x and
+    M alone (plain autograd keeps x~, up to 1.5x x, and rotation's blocks M R_i, k r^ numbers). It
+    makes both again, through autograd: the gradients are autograd's own, to the last bit."""
 
     generate_vmap_rule = True
 
@@ -302,7 +310,7 @@ class BlockProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
-        if torch.is_grad_enabled():  # create_graph, or torch.func's grad: the gradients below are not differentiable
+        if torch.is_grad_enabled():  # create_graph or torch.func: the gradients below are not differentiable
             raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph, "
                                "torch.func.grad or jacrev); the other variants have")
         (x, M), layer = ctx.saved_tensors, ctx.layer
@@ -310,28 +318,26 @@ class BlockProduct(torch.autograd.Function):
             x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()
             z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
         grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2))
-        grad_B = torch.einsum("...no,...ni->noi", grad, z.detach().to(grad.dtype))  # summed over the tokens
+        grad_B = torch.einsum("...no,...ni->noi", grad, z.detach().to(grad.dtype))  # summed over tokens
         if not x.requires_grad:
             return None, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
         return (*torch.autograd.grad((z, B), (x, M), (grad_z.to(z.dtype), grad_B.to(B.dtype))), None)
 
 
 class MoRALinear(AdapterLinear):
-    """MoRA: a frozen nn.Linear plus dW x = f_decomp(M f_comp(x)), M (r^ x r^) zero-initialised, no alpha / r
-    scaling. r is LoRA's rank for the same budget, r^ = mora_rank(k, d, r, variant). Exact for every shape
-    (k or d not divisible by r^, r^ >= k, r^ > 2k). `variant` names one of VARIANTS, or is its official number.
-    Truncation and the sharing family (Eq. 6 and ReMoRA's groupings) update at rank r^ at most. Decoupling and
-    rotation update block-diagonally, dW = diag(M R_1, ..., M R_n): block x_i goes through its own M R_i, R_i = I
-    for decoupling, for rotation (Eq. 9) the turn of x_i by the angles i theta_j (RoPE across blocks); their rank
-    reaches min(d, k). Rotation suits small r (M alone is small), sharing large r (as cheap as LoRA).
-    """
+    """MoRA: dW x = f_decomp(M f_comp(x)), M (r^ x r^) zero-initialised, no alpha / r scaling. r is
+    LoRA's rank for the same budget, r^ = mora_rank(k, d, r, variant); `variant` is a name in
+    VARIANTS or its official number. Truncation and the sharing family (Eq. 6, ReMoRA's groupings)
+    reach rank r^; decoupling and rotation are block-diagonal, dW = diag(M R_1, ..., M R_n), R_i = I
+    (decoupling) or the turn of block i by the angles i theta_j (rotation, Eq. 9: RoPE across
+    blocks), and reach min(d, k). Rotation suits small r (M alone is small), sharing large r (as
+    cheap as LoRA). Exact for every shape (k or d not divisible by r^, r^ >= k, r^ > 2k)."""
 
     def __init__(self, base, r, variant="rotation", dropout=0.0):
         super().__init__(base, r, dropout)
         self.variant = resolve_variant(variant)
         self.r_hat = mora_rank(self.in_features, self.out_features, r, self.variant)
-        w = base.weight
-        self.M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, device=w.device, dtype=w.dtype))
+        self.M = nn.Parameter(base.weight.new_zeros(self.r_hat, self.r_hat))  # (r^, r^)
 
     @property
     def n_blocks(self):  # n: blocks that have outputs to keep (decoupling, rotation), else 1
@@ -339,8 +345,8 @@ class MoRALinear(AdapterLinear):
         return min(-(-k // r_hat), -(-d // r_hat)) if VARIANTS[self.variant][0] is split_blocks else 1
 
     def blocks(self, M):
-        """M R_i for each block i that has outputs to keep, (n, r^, r^). M R_i is M with each row turned
-        by -i theta_j (the transpose of a turn is the turn back): far less work than turning x_i."""
+        """M R_i for each block i, (n, r^, r^): M with each row turned by -i theta_j (R_i^T turns
+        back), far less work than turning each x_i."""
         if self.variant != "rotation":
             return M.expand(self.n_blocks, -1, -1)
         cos, sin = rope_cos_sin(self.r_hat, self.n_blocks, dtype=M.dtype, device=M.device)
@@ -356,8 +362,8 @@ class MoRALinear(AdapterLinear):
         return f_decomp(y.flatten(-2), self.out_features)
 
     def get_delta_weight(self):
-        """The explicit (d, k) update, in float32 at least (differentiable; detach for analysis). The update
-        is linear, so dW^T is update() of the k unit vectors, taken 1024 at a time (not k x k at once)."""
+        """dW (d, k), in float32 at least (differentiable; detach for analysis). The update is
+        linear: dW^T is update() of the k unit vectors, taken 1024 at a time (not k x k at once)."""
         dtype, k = torch.promote_types(self.M.dtype, torch.float32), self.in_features
         units = lambda i: F.one_hot(torch.arange(i, min(i + 1024, k), device=self.M.device), k).to(dtype)
         return torch.cat([self.update(units(i), self.M.to(dtype)) for i in range(0, k, 1024)]).T
@@ -367,13 +373,16 @@ class MoRALinear(AdapterLinear):
         self.M.zero_()
 
     def merge_and_reinit(self):
-        """ReMoRA (Sec. 5.3): also move the sharing family to its next grouping, so that merges add new directions."""
+        """ReMoRA (Sec. 5.3): the sharing family moves to its next grouping: merges add new directions."""
         super().merge_and_reinit()
         if self.variant in REMORA_CYCLE:
             self.variant = REMORA_CYCLE[(REMORA_CYCLE.index(self.variant) + 1) % len(REMORA_CYCLE)]
 
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, r_hat={self.r_hat}, {self.variant}"
+
     @property
-    def settings(self):  # the grouping changes under ReMoRA, so it travels with M
+    def settings(self):  # saved state: the grouping changes under ReMoRA, so it travels with M
         return [list(VARIANTS).index(self.variant)]
 
     @settings.setter
@@ -386,19 +395,16 @@ class MoRALinear(AdapterLinear):
             raise ValueError(f"MoRA variant index {values} does not fit this layer (r^ = {self.r_hat})")
         return variant
 
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, r_hat={self.r_hat}, {self.variant}"
-
 
 # -----------------------------------------------------------------------------
 # 2. Putting adapters into a model (names as in loralib / PEFT)
 
-DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # this file's Llama; Hugging Face's: q_proj ... down_proj
+DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # this file's Llama (Hugging Face: q_proj ...)
 CONV1D = "; GPT-2's Conv1D holds its weight transposed: convert it to nn.Linear first (README)"
 
 
 def matches(name, targets):
-    """PEFT's rule: a target matches a module whose dotted name equals it or ends with "." + target."""
+    """PEFT's rule: a target matches a module whose dotted name is it or ends with "." + target."""
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -406,34 +412,47 @@ def adapter_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLinear)]
 
 
+def check_each(layers, check):  # every check made before any change: an error names its layer
+    for name, layer in layers:
+        try:
+            check(name, layer)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
 def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_kwargs):
-    """Wrap the targeted nn.Linear layers with a LoRALinear or MoRALinear, freeze everything else, return the
-    model. Targets follow PEFT (`matches`): "q" matches every layers.N.attn.q; "all-linear" takes every nn.Linear
-    but the output head. A layer whose weight is tied to another's (a head sharing the embedding) gets its own
-    copy, with a warning. All checks come before any change: on an error the model is left as it was."""
+    """Wrap the targeted nn.Linear layers with a LoRALinear or MoRALinear, freeze everything else,
+    return the model. Targets follow PEFT (`matches`): "q" matches every layers.N.attn.q;
+    "all-linear" takes every nn.Linear but the output head. A layer whose weight is tied to
+    another's (a head sharing the embedding) gets its own copy, with a warning. All checks come
+    before any change: on an error the model is as it was."""
     layer_cls = {"lora": LoRALinear, "mora": MoRALinear}.get(method)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    if layer_cls is None or not targets:
-        raise ValueError(f"unknown method {method!r}; choose 'lora' or 'mora'" if layer_cls is None else
-                         "no targets: name the layers to adapt, or 'all-linear'")
-    all_linear = targets == ("all-linear",)
-    head = model.get_output_embeddings() if all_linear and hasattr(model, "get_output_embeddings") else \
-        next((m for n, m in model.named_modules() if n.rpartition(".")[2] in ("lm_head", "head")), None)
+    if layer_cls is None:
+        raise ValueError(f"unknown method {method!r}; choose 'lora' or 'mora'")
+    if not targets:
+        raise ValueError("no targets: name the layers to adapt, or 'all-linear'")
+    all_linear, head = targets == ("all-linear",), None
+    if all_linear:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else \
+            next((m for n, m in model.named_modules() if n.rpartition(".")[2] in ("lm_head", "head")), None)
     matched, found, skipped = [], set(), ()
     for name, module in model.named_modules():
         if not name or name.startswith(skipped):
             continue
-        if isinstance(module, (AdapterLinear, nn.MultiheadAttention)):  # MHA reads out_proj.weight directly
+        if isinstance(module, (AdapterLinear, nn.MultiheadAttention)):  # MHA reads out_proj.weight itself
             skipped += (name + ".",)
         hits = {"all-linear"} if all_linear and isinstance(module, nn.Linear) and module is not head else \
             {t for t in targets if matches(name, (t,))}
         if hits and not isinstance(module, nn.Linear):
-            raise ValueError(f"target {min(hits)!r} matches {name!r}, a {type(module).__name__}, not an nn.Linear"
-                             + (type(module).__name__ == "Conv1D") * CONV1D)
+            kind = type(module).__name__
+            raise ValueError(f"target {min(hits)!r} matches {name!r}, a {kind}, not an nn.Linear"
+                             + (kind == "Conv1D") * CONV1D)
         matched += [(name, module)] if hits else []
         found |= hits
-    missing, conv1d = [t for t in targets if t not in found], any(type(m).__name__ == "Conv1D" for m in model.modules())
+    missing = [t for t in targets if t not in found]
     if missing:
+        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
         raise ValueError(f"target(s) {missing} match no nn.Linear in the model" + conv1d * CONV1D)
     for name, module in matched:  # built first on the meta device: a bad argument changes nothing
         layer_cls(nn.Linear(module.in_features, module.out_features, device="meta"), r, **layer_kwargs)
@@ -442,8 +461,8 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
         layer = layer_cls(module, r, **layer_kwargs)
         others = [n for n, i in names if i == id(module.weight) and n != f"{name}.weight"]
         if others:
-            warnings.warn(f"{name}.weight is tied to {others[0]}; giving {name} its own copy, so that merging "
-                          f"its adapter leaves {others[0]} unchanged", stacklevel=2)
+            warnings.warn(f"{name}.weight is tied to {others[0]}; giving {name} its own copy, so that "
+                          f"merging its adapter leaves {others[0]} unchanged", stacklevel=2)
             layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
         _replace(model, name, layer)
     model.register_load_state_dict_pre_hook(check_states)
@@ -453,18 +472,15 @@ def apply_adapters(model, method="lora", r=8, targets=DEFAULT_TARGETS, **layer_k
     return model
 
 
-def check_states(model, state_dict, prefix, *args):  # apply_adapters' hook: a load is checked whole, then made
-    for name, layer in adapter_layers(model):
-        try:
-            layer.check_state(state_dict, f"{prefix}{name}.")
-        except ValueError as e:
-            raise ValueError(f"{prefix}{name}: {e}") from None
+def check_states(model, state_dict, prefix, *args):  # apply_adapters' hook: a load checked whole first
+    layers = [(prefix + name, layer) for name, layer in adapter_layers(model)]
+    check_each(layers, lambda name, layer: layer.check_state(state_dict, name + "."))
 
 
 @contextlib.contextmanager
 def disable_adapters(model):
-    """Inside, every adapter layer computes W0 x alone (PEFT's disable_adapter()): the base model, for free. Leaving
-    restores each layer's state as found, so blocks nest; merging inside is refused."""
+    """Inside, every adapter layer computes W0 x alone (PEFT's disable_adapter()): the base model, for
+    free. Leaving restores each layer as found, so blocks nest; merging inside is refused."""
     layers = [layer for _, layer in adapter_layers(model)]
     found = [layer.disabled for layer in layers]
     if any(layer.merged for layer in layers):
@@ -484,14 +500,10 @@ def _replace(model, name, module):
 
 
 def merge_and_unload(model):
-    """Merge every adapter into its base layer and put the plain nn.Linear back; returns the model."""
+    """Merge every adapter into its base layer and put the plain nn.Linear back; return the model."""
     layers = adapter_layers(model)
     unmerged = [(name, layer) for name, layer in layers if not layer.merged]
-    for name, layer in unmerged:  # all or nothing: every merge is checked before the first is made
-        try:
-            layer.folded()
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    check_each(unmerged, lambda name, layer: layer.folded())  # all or nothing
     for name, layer in layers:
         if not layer.merged:
             layer.merge()
@@ -509,28 +521,28 @@ def adapter_state_dict(model):
 
 
 def load_adapter_state_dict(model, state_dict):
-    """Load what adapter_state_dict saved: a missing or unexpected key, another shape, NaN or inf is a ValueError."""
+    """Load what adapter_state_dict saved; a missing or unexpected key, a shape, NaN or inf: ValueError."""
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"adapter state dict mismatch: missing {missing}, unexpected {unexpected}")
     for k, v in expected.items():
         if v.shape != state_dict[k].shape or not torch.isfinite(state_dict[k]).all():
-            raise ValueError(f"adapter tensor {k!r}: shape {tuple(state_dict[k].shape)}, the model's {tuple(v.shape)}; "
-                             f"or not finite")
+            raise ValueError(f"adapter tensor {k!r}: shape {tuple(state_dict[k].shape)}, the model's "
+                             f"{tuple(v.shape)}; or not finite")
     model.load_state_dict(state_dict, strict=False)
     return model
 
 
-# Adapters that travel: PEFT's folder, as stock PEFT writes LoRA and the official fork MoRA (M as lora_A and lora_B)
+# Adapters that travel: PEFT's folder, as stock PEFT writes LoRA and the official fork MoRA
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float8 has no isfinite
 
 
-def is_targets(value):  # PEFT's target_modules and exclude_modules: a list of suffixes, or a regex matched in full
+def is_targets(value):  # PEFT's target_modules, exclude_modules: a list of suffixes, or a full-match regex
     if isinstance(value, list):
         return all(isinstance(t, str) for t in value)
-    with contextlib.suppress(re.error, RecursionError, TypeError):  # TypeError: neither a list nor a string
+    with contextlib.suppress(re.error, RecursionError, TypeError):  # TypeError: not a list, not a string
         return value is None or bool(re.compile(value))
     return False
 
@@ -539,8 +551,9 @@ def targeted(name, targets):
     return bool(re.fullmatch(targets, name)) if isinstance(targets, str) else matches(name, targets or ())
 
 
-# What an adapter_config.json may ask (MORA_SPEC 4c): the fields honoured here, metadata, PEFT's defaults of unused
-# features. Any other field holding a value (not null, false or empty) may change what the weights mean: refused.
+# What an adapter_config.json may ask (MORA_SPEC 4c): the fields honoured here, metadata, PEFT's defaults of
+# unused features. Any other field holding a value (not null, false or empty) may change what the weights
+# mean: refused.
 one_of, ANY = lambda *values: lambda v: v in values, lambda v: True
 UNUSED = lambda v: v is None or v is False or v in ("", [], {})
 CONFIG_FIELDS = {
@@ -549,7 +562,7 @@ CONFIG_FIELDS = {
     "lora_dropout": lambda v: type(v) in (int, float) and 0 <= v < 1, "use_rslora": one_of(True, False),
     "target_modules": is_targets, "exclude_modules": is_targets, "use_mora": one_of(True, False),
     "mora_type": lambda v: v is None or type(v) is int and v in OFFICIAL_TYPES, "mora_variant": one_of(*VARIANTS),
-    "init_lora_weights": one_of(True, False, "gaussian"),  # how training began: the saved A and B are what they are
+    "init_lora_weights": one_of(True, False, "gaussian"),  # how training began: A and B are as saved
     **dict.fromkeys(("task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                      "peft_version"), ANY),
     "megatron_core": one_of("megatron.core"), "qalora_group_size": one_of(16),
@@ -558,9 +571,9 @@ CONFIG_FIELDS = {
 
 
 def read_adapter_folder(directory):
-    """The config and weights of a PEFT folder, read whole first. A file that is not regular (a FIFO would block), a
-    config that is not UTF-8 JSON or asks what CONFIG_FIELDS does not allow, weights that are not safetensors: one
-    ValueError naming the file. A file that is missing: the system's own error, which names it."""
+    """The config and weights of a PEFT folder, read whole first. A file that is not regular (a FIFO
+    would block), a config that is not UTF-8 JSON or asks what CONFIG_FIELDS does not allow, weights
+    that are not safetensors: one ValueError naming the file (a missing one: the system's error)."""
     paths = [os.path.join(directory, name) for name in ADAPTER_FILES]
     for path in paths:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -586,10 +599,11 @@ def read_adapter_folder(directory):
 
 @contextlib.contextmanager
 def atomic_files(paths, mode="wb", replace=True, follow_links=True):
-    """Files to write, renamed to their paths in order once all are whole on disk: each file is the old one or the
-    new one, never a part, and a failure before the renames leaves the old. Only a crash between two renames can mix
-    them: name last the file that says what the others mean. replace=False: FileExistsError, never a replace.
-    follow_links=False replaces a symbolic link itself, not its target. The temporaries get the umask's permissions."""
+    """Files to write, renamed to their paths in order once all are whole on disk: each file is the
+    old one or the new one, never a part, and a failure before the renames leaves the old. Only a
+    crash between two renames can mix them: name last the file that says what the others mean.
+    replace=False: FileExistsError, never a replace. follow_links=False replaces a symbolic link
+    itself, not its target. The temporaries get the umask's permissions."""
     paths = [os.path.realpath(p) if follow_links else os.path.abspath(p) for p in paths]
     folders = [p for p in paths if os.path.isdir(p)]
     if folders:  # a rename onto it would fail half-way through
@@ -612,10 +626,11 @@ def atomic_files(paths, mode="wb", replace=True, follow_links=True):
 
 
 def save_adapter(model, directory):
-    """Write the adapters to a folder PEFT reads: LoRA as stock PEFT's LoRA, MoRA as the official fork's (use_mora,
-    mora_type). Truncation and decoupling have no official number: they are saved under this project's own key
-    mora_variant, which the fork does not read. Needs one setting for all layers and the safetensors package."""
-    layers, state = adapter_layers(model), adapter_state_dict(model)  # refuses merged adapters
+    """Write the adapters to a folder PEFT reads: LoRA as stock PEFT's LoRA, MoRA as the official
+    fork's (use_mora, mora_type). Truncation and decoupling have no official number: they are saved
+    under this project's own key mora_variant, which the fork does not read. One setting for all."""
+    layers = adapter_layers(model)
+    adapter_state_dict(model)  # refuses merged adapters
     kinds = {(type(layer), layer.r, tuple(layer.settings), getattr(layer.dropout, "p", 0.0)) for _, layer in layers}
     if len(kinds) != 1:
         raise ValueError(f"save_adapter needs one kind, rank, setting and dropout for all adapters, got {len(kinds)}")
@@ -625,32 +640,32 @@ def save_adapter(model, directory):
         warnings.warn(f"{len(others)} trainable parameters are no adapter's, {others[0]} the first: not saved",
                       stacklevel=2)
     if any(layer.reinits for _, layer in layers):
-        warnings.warn("merge_and_reinit moved earlier updates into the base weights: the folder reproduces this model "
-                      "on those, not on the original base", stacklevel=2)
-    first, key = layers[0][1], "base_model.model.{}.lora_{}.weight"
-    config = {"peft_type": "LORA", "r": first.r, "lora_alpha": getattr(first, "alpha", first.r), "lora_dropout":
-              getattr(first.dropout, "p", 0.0), "target_modules": [n for n, _ in layers], "bias": "none",
-              "use_rslora": getattr(first, "use_rslora", False)}
-    if isinstance(first, MoRALinear):
+        warnings.warn("merge_and_reinit moved earlier updates into the base weights: the folder reproduces "
+                      "this model on those, not on the original base", stacklevel=2)
+    first, mora = layers[0][1], isinstance(layers[0][1], MoRALinear)
+    config = {"peft_type": "LORA", "r": first.r, "lora_alpha": getattr(first, "alpha", first.r),
+              "lora_dropout": getattr(first.dropout, "p", 0.0), "target_modules": [n for n, _ in layers],
+              "bias": "none", "use_rslora": getattr(first, "use_rslora", False)}
+    if mora:
         number = {v: n for n, v in OFFICIAL_TYPES.items()}.get(first.variant)
         config.update(use_mora=True, mora_type=number, **({} if number else {"mora_variant": first.variant}))
-        tensors = {key.format(n, ab): state[f"{n}.M"].detach().clone() for n, _ in layers for ab in "AB"}
-    else:
-        tensors = {key.format(n, ab): state[f"{n}.{ab}"].detach().contiguous() for n, _ in layers for ab in "AB"}
+    tensors = {f"base_model.model.{n}.lora_{ab}.weight":  # the fork saves M twice, as lora_A and lora_B
+               getattr(layer, "M" if mora else ab).detach().clone(memory_format=torch.contiguous_format)
+               for n, layer in layers for ab in "AB"}
     from safetensors.torch import save  # only now: what is refused above needs no safetensors
     os.makedirs(directory, exist_ok=True)
-    paths = [os.path.join(directory, n) for n in ADAPTER_FILES[::-1]]  # the config last: it says what the weights mean
-    with atomic_files(paths, follow_links=False) as (st_file, json_file):  # a link in the folder is replaced
+    paths = [os.path.join(directory, n) for n in ADAPTER_FILES[::-1]]  # the config, which gives them meaning, last
+    with atomic_files(paths, follow_links=False) as (st_file, json_file):  # a link there is replaced
         st_file.write(save(tensors))
         json_file.write(json.dumps(config, indent=2).encode())
 
 
 def load_adapter(model, directory):
-    """Put the adapters of a PEFT folder, stock LoRA (any alpha, rsLoRA) or official MoRA (types 1, 2, 3, 4, 6), on the
-    modules its keys name, load their weights and return the model: its outputs are those of the model saved. What
-    would load wrongly without a word is a ValueError, before any change: a config field not honoured here, a key that
-    names no target, a target that gets no weights, a shape that differs."""
-    if adapter_layers(model):  # its adapters' weights are no part of the folder: the load would fail half-way
+    """Put the adapters of a PEFT folder, stock LoRA (any alpha, rsLoRA) or official MoRA (types 1,
+    2, 3, 4, 6), on the modules its keys name, load their weights and return the model: its outputs
+    are those of the model saved. What would load wrongly without a word is a ValueError, before any
+    change: a config field not honoured here, a key naming no target, a target without weights."""
+    if adapter_layers(model):  # their weights are no part of the folder: the load would fail half-way
         raise ValueError("load_adapter needs a model without adapters (merge_and_unload them first)")
     config, weights = read_adapter_folder(directory)
     modules, names = dict(model.named_modules()), {}
@@ -675,19 +690,19 @@ def load_adapter(model, directory):
         want = dict.fromkeys("AB", (mora_rank(k, d, r, variant),) * 2) if mora else {"A": (r, k), "B": (d, r)}
         for x, t in ab.items():
             if tuple(t.shape) != want[x] or t.dtype not in FLOATS or not torch.isfinite(t).all():
-                raise ValueError(f"{directory}: {n}.lora_{x}, {t.dtype} of shape {tuple(t.shape)}, where the layer "
-                                 f"wants {want[x]} finite floating-point numbers")
+                raise ValueError(f"{directory}: {n}.lora_{x}, {t.dtype} of shape {tuple(t.shape)}, where the "
+                                 f"layer wants {want[x]} finite floating-point numbers")
         if not mora and len(ab) == 1:
             raise ValueError(f"{directory}: {n}.lora_{'B' if 'A' in ab else 'A'} is missing (LoRA needs both)")
         if mora and len(ab) == 2 and not torch.equal(ab["A"], ab["B"]):
             raise ValueError(f"{directory}: {n}.lora_B differs from lora_A (the fork saves M twice)")
     settings = {"variant": variant} if mora else {"alpha": config.get("lora_alpha", 8),
                                                   "use_rslora": config.get("use_rslora", False)}
-    apply_adapters(model, "mora" if mora else "lora", r=r, targets=list(names), dropout=config.get("lora_dropout", 0),
-                   **settings)
+    apply_adapters(model, "mora" if mora else "lora", r=r, targets=list(names),
+                   dropout=config.get("lora_dropout", 0), **settings)
     state = {f"{n}." + ("M" if mora else x): t for n, ab in names.items() for x, t in ab.items()}
-    extra = {f"{n}._extra_state": layer.get_extra_state() for n, layer in adapter_layers(model)}
-    return load_adapter_state_dict(model, {**state, **extra})
+    model.load_state_dict(state, strict=False)  # every tensor checked above
+    return model
 
 
 def count_parameters(model, trainable_only=False):
@@ -714,7 +729,7 @@ class LlamaConfig:
             raise ValueError(f"dim {self.dim} does not split into {self.n_heads} heads of even size (rotary pairs)")
 
 
-# ReLoRA's and the paper's LLaMA sizes (Sec. 5.3) at a 32k vocabulary; "tiny" for tests. LlamaConfig(**PRESETS["60m"])
+# ReLoRA's and the paper's LLaMA sizes (Sec. 5.3), 32k vocabulary; "tiny" for tests. LlamaConfig(**PRESETS["60m"])
 PRESETS = {
     "tiny": dict(dim=64, hidden_dim=176, n_heads=4, n_layers=2),
     "9m": dict(dim=128, hidden_dim=352, n_heads=4, n_layers=4),
