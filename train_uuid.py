@@ -286,11 +286,14 @@ def report(runs, args):
     bits = lambda done: [r["value_bits"][last] for r in done if last in r.get("value_bits", {})]
     seeds = f"mean (min-max) over {args.seeds} seeds" if args.seeds > 1 else f"seed {args.seed}"
     print(f"\nValue accuracy (%) generated greedily from the key, and the bits held about the values, {seeds}:\n")
-    print(common.table(
-        ["run", "trainable params", "lr", *(f"step {s}" for s in shown), f"value bits, step {last}", "bits a param"],
-        [[name, f"{s['params']:,}", f"{s['lr']:g}", *(common.spread([r["accuracy"][str(t)] for r in done]) for t in shown),
-          common.spread(bits(done), 0), common.spread([b / s["params"] for b in bits(done)], 3)]
-         for name, s, done in rows]))
+    head = ["run", "trainable params", "lr", *(f"step {s}" for s in shown), f"value bits, step {last}", "bits a param"]
+    table = []
+    for name, s, done in rows:
+        accuracy = [common.spread([r["accuracy"][str(t)] for r in done]) for t in shown]
+        per_param = [b / s["params"] for b in bits(done)]
+        table.append([name, f"{s['params']:,}", f"{s['lr']:g}", *accuracy, common.spread(bits(done), 0),
+                      common.spread(per_param, 3)])
+    print(common.table(head, table))
     if args.init_from:
         print("\nThe rise in the base's bits per byte at matched accuracy (linear between evaluations):\n")
         after = lambda done: common.spread([r["base_bpb_after"] - r["base_bpb_before"] for r in done], 3)
@@ -390,7 +393,8 @@ def jobs(args):
                 for m, r in rows]
     shared = {k: getattr(args, k) for k in ("steps", "batch_size", "warmup", "weight_decay", "eval_at",
                                             "init_from", "dtype", "dim", "hidden_dim", "n_heads", "n_layers")}
-    return [{"method": m, "rank": r, "variant": v, "lr": lr, "seed": seed, "pairs": n, **shared, "device": args.device.type,
+    shared["device"] = args.device.type
+    return [{"method": m, "rank": r, "variant": v, "lr": lr, "seed": seed, "pairs": n, **shared,
              "lora_alpha": (args.lora_alpha or r) if m == "lora" else None, "threads": torch.get_num_threads()}
             for m, r, v in rows for n in args.pairs for lr in args.lr or [default_lr(m, r, v, bool(args.init_from))]
             for seed in range(args.seed, args.seed + args.seeds)]
