@@ -1551,6 +1551,9 @@ def test_forgetting_is_read_at_matched_accuracy_linearly_between_evaluations():
     assert train_uuid.at_accuracy(run, 90) == pytest.approx(5.0 + 1.0 * 10 / 15)  # the first crossing, not the later
     assert train_uuid.at_accuracy(run, 10) == 2.5 and train_uuid.at_accuracy(run, 96) is None  # past at once; never
     assert train_uuid.at_accuracy({"accuracy": {"50": 60.0}}, 50) is None  # a run without the base's curve
+    run["base_bpb_before"] = 2.0
+    assert train_uuid.rises([run], 90) == f"{5.0 + 10 / 15 - 2.0:.3f}" and train_uuid.rises([run], 96) == "not reached"
+    assert train_uuid.rises([], 50) == "-"  # every seed diverged: not "not reached"
 
 
 def test_uuid_from_a_pretrained_base_records_its_skill_at_each_evaluation(tmp_path, capsys):

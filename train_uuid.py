@@ -265,7 +265,7 @@ def rises(done, level):
     """The base's rise in bits per byte where each seed first reaches level; the seeds that never do are said."""
     found = [b - r["base_bpb_before"] for r in done if (b := at_accuracy(r, level)) is not None]
     if not found:
-        return "not reached"
+        return "not reached" if done else "-"  # every seed diverged: nothing to say
     return common.spread(found, 3) + (f" ({len(found)} of {len(done)} seeds)" if len(found) < len(done) else "")
 
 
