@@ -277,7 +277,7 @@ def spread(values, digits=1):
 def table(head, rows):  # markdown
     return "\n".join("| " + " | ".join(line) + " |" for line in [head, ["---"] * len(head), *rows])
 
-def plot(series, path, ylabel, xlabel="step", xscale="linear"):
+def plot(series, path, ylabel, xlabel="step"):
     """series: {label: [curve of each seed]}, a curve [[x, value], ...], x a step unless xlabel says. Draws the mean
     over the seeds and a band from their min to their max."""
     import matplotlib
@@ -290,7 +290,7 @@ def plot(series, path, ylabel, xlabel="step", xscale="linear"):
         line, = ax.plot(steps, [sum(v) / len(v) for v in at], marker="o", markersize=3, label=label)
         if len(curves) > 1:
             ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], color=line.get_color(), alpha=0.2)
-    ax.set(xlabel=xlabel, ylabel=ylabel, xscale=xscale)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1532,12 +1532,12 @@ class Knows(torch.nn.Module):
 @pytest.mark.parametrize("vocab", [train_uuid.CHARS, ["<|endoftext|>"] + [chr(i) for i in range(256)] + ["ab", "0-"]])
 def test_value_bits_are_122_a_value_known_and_0_for_the_prior(vocab):
     assert train_uuid.VALUE_BITS == 122 and sum(len(c) == 1 for c in train_uuid.UUID_FORMAT) == 5  # 4 dashes, the 4
-    pairs, bits = train_uuid.make_pairs(7, seed=2), lambda m: train_uuid.value_bits(m, pairs, vocab, "cpu",
-                                                                                      contextlib.nullcontext())
+    pairs = train_uuid.make_pairs(7, seed=2)
+    bits = lambda m: train_uuid.value_bits(m, *train_uuid.make_examples(pairs, vocab), vocab, contextlib.nullcontext())
     assert bits(Knows(pairs, vocab, 1e4)) == 7 * 122  # certain of every character
     assert bits(Knows(pairs, vocab, 0.0)) == 0  # uniform: the format's prior, whatever the other tokens
-    assert bits(Knows(pairs, vocab, math.log(2.0))) == pytest.approx(7 * (122 - 30 * math.log2(17 / 2) - math.log2(5 / 2)),
-                                                                   abs=0.1)  # twice as likely as each other character
+    twice = 7 * (122 - 30 * math.log2(17 / 2) - math.log2(5 / 2))  # twice as likely as each other character
+    assert bits(Knows(pairs, vocab, math.log(2.0))) == pytest.approx(twice, abs=0.1)
     assert bits(Knows(pairs, vocab, -5.0)) == 0  # worse than the prior: no bits, not fewer than none
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=len(vocab), dim=16, hidden_dim=32, n_heads=2, n_layers=1, max_seq_len=80))
@@ -1578,7 +1578,8 @@ def test_uuid_runs_each_pair_count_and_tables_the_bits_stored(tmp_path, capsys):
     runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--pairs", "6,9", "--json", str(out),
                                             "--out", str(tmp_path / "models"), "--plot", str(tmp_path / "p.png")])
     assert [r["settings"]["pairs"] for r in runs] == [6, 9] and all(r["base_bpb"] == {} for r in runs)
-    assert sorted(os.listdir(tmp_path / "models")) == ["lora_r2_pairs6_lr0.007_seed0.pt", "lora_r2_pairs9_lr0.007_seed0.pt"]
+    assert sorted(os.listdir(tmp_path / "models")) == ["lora_r2_pairs6_lr0.007_seed0.pt",
+                                                       "lora_r2_pairs9_lr0.007_seed0.pt"]
     printed = capsys.readouterr().out
     bits, params = runs[1]["value_bits"]["4"], runs[1]["trainable_params"]
     assert f"| LoRA r=2, 9 pairs | {params} | 0.007 |" in printed and "at 50%" not in printed
