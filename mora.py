@@ -182,8 +182,10 @@ class LoRALinear(AdapterLinear):
 # rotation. f_decomp takes the n r^ outputs, side by side, to d.
 
 
-def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n
-    return F.pad(v[..., :n], (0, max(0, n - v.shape[-1])))
+def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n (F.pad: 2 passes)
+    if n <= v.shape[-1]:
+        return v[..., :n]
+    return torch.cat([v, v.new_zeros(*v.shape[:-1], n - v.shape[-1])], -1)
 
 
 def cyclic_pad(v, n):
@@ -210,16 +212,21 @@ class Tile(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # each v_t's copies added up, in plain operations (differentiable)
-        copies = -(-grad.shape[-1] // ctx.length)
-        return F.pad(grad, (0, copies * ctx.length - grad.shape[-1])).unflatten(-1, (copies, ctx.length)).sum(-2), None
+        length, n = ctx.length, grad.shape[-1]
+        if n < 2 * length:  # x~: the wrap added back onto the first inputs (a padded sum: 3x slower)
+            head = grad[..., :length].clone()
+            head[..., :n - length] += grad[..., length:]
+            return head, None
+        copies = -(-n // length)
+        return zero_pad(grad, copies * length).unflatten(-1, (copies, length)).sum(-2), None
 
 
 def split_blocks(x, r_hat, n):  # decoupling and rotation: x~ cut into n blocks of r^
     return cyclic_pad(x, n * r_hat).unflatten(-1, (n, r_hat))
 
 
-def chunk_sum(x, r_hat, n=1):  # CS (Eq. 6, sharing): the ceil(k / r^) blocks of x~ summed
-    return split_blocks(x, r_hat, -(-x.shape[-1] // r_hat)).sum(-2, keepdim=True)
+def chunk_sum(x, r_hat):  # CS (Eq. 6, sharing): the ceil(k / r^) blocks of x~ summed
+    return split_blocks(x, r_hat, -(-x.shape[-1] // r_hat)).sum(-2)
 
 
 def contiguous_groups(v, n_groups):
@@ -229,8 +236,8 @@ def contiguous_groups(v, n_groups):
     return v[..., :split].unflatten(-1, (n_big, size + 1)), v[..., split:].unflatten(-1, (n_groups - n_big, size))
 
 
-def group_sum(x, r_hat, n=1):  # GS: c_j = the sum of group j of the k inputs (no padding)
-    return torch.cat([group.sum(-1) for group in contiguous_groups(x, r_hat)], -1).unsqueeze(-2)
+def group_sum(x, r_hat):  # GS: c_j = the sum of group j of the k inputs (no padding)
+    return torch.cat([group.sum(-1) for group in contiguous_groups(x, r_hat)], -1)
 
 
 def interleave(y, d):  # RI: out_i = y_g(i), the d outputs in r^ contiguous groups
@@ -240,7 +247,7 @@ def interleave(y, d):  # RI: out_i = y_g(i), the d outputs in r^ contiguous grou
 
 # variant: (f_comp, f_decomp). The order is part of the saved state (it holds an index).
 VARIANTS = {
-    "truncation": (lambda x, r_hat, n=1: zero_pad(x, r_hat).unsqueeze(-2), zero_pad),
+    "truncation": (zero_pad, zero_pad),
     "sharing": (chunk_sum, cyclic_pad),  # Eq. 6: CS, T
     "decoupling": (split_blocks, cyclic_pad),
     "rotation": (split_blocks, cyclic_pad),  # Eq. 9: block i turned by R_i before M
@@ -300,8 +307,9 @@ class BlockProduct(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, M, layer):
-        return block_product(split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M))
+    def forward(x, M, layer):  # (..., min(d, n r^)): the outputs past d cut here, where the backward is cheap
+        y = block_product(split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M))
+        return y.flatten(-2)[..., :layer.out_features]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -314,6 +322,7 @@ class BlockProduct(torch.autograd.Function):
             raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph, "
                                "torch.func.grad or jacrev); the other variants have")
         (x, M), layer = ctx.saved_tensors, ctx.layer
+        grad = zero_pad(grad, layer.n_blocks * layer.r_hat).unflatten(-1, (layer.n_blocks, layer.r_hat))
         with torch.enable_grad():
             x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()
             z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
@@ -358,8 +367,8 @@ class MoRALinear(AdapterLinear):
         if f_comp is split_blocks:  # the same product, with a backward that keeps less
             y = BlockProduct.apply(x, M, self)
         else:
-            y = block_product(f_comp(x, self.r_hat, self.n_blocks), self.blocks(M))  # (..., n, r^)
-        return f_decomp(y.flatten(-2), self.out_features)
+            y = f_comp(x, self.r_hat) @ M.T  # (..., r^)
+        return f_decomp(y, self.out_features)
 
     def get_delta_weight(self):
         """dW (d, k), in float32 at least (differentiable; detach for analysis). The update is

@@ -253,11 +253,20 @@ def test_the_block_products_own_backward_passes_gradcheck_and_equals_plain_autog
     x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
     M = layer.M.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda x, M: mora.BlockProduct.apply(x, M, layer), (x, M))
-    g = torch.randn(2, 3, layer.n_blocks, layer.r_hat, dtype=torch.float64)
+    g = torch.randn(2, 3, min(d, layer.n_blocks * layer.r_hat), dtype=torch.float64)
     ours = torch.autograd.grad(mora.BlockProduct.apply(x, M, layer), (x, M), g)
     z = mora.split_blocks(x, layer.r_hat, layer.n_blocks)
-    plain = torch.autograd.grad(mora.block_product(z, layer.blocks(M)), (x, M), g)
+    plain = torch.autograd.grad(mora.block_product(z, layer.blocks(M)).flatten(-2)[..., :d], (x, M), g)
     assert all(torch.equal(a, b) for a, b in zip(ours, plain))  # to the last bit
+
+
+@pytest.mark.parametrize("n", [7, 11, 12, 17, 40])  # of 6: one wrap (x~), two whole copies, more (T)
+def test_tile_passes_gradcheck_and_adds_the_copies_gradients_as_plain_autograd(n):
+    v = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: mora.Tile.apply(v, n), (v,))
+    v, g = torch.randn(5, 6, requires_grad=True), torch.randn(5, n)
+    plain = v.unsqueeze(-2).expand(5, -(-n // 6), 6).flatten(-2)[..., :n]
+    assert torch.equal(torch.autograd.grad(mora.Tile.apply(v, n), v, g)[0], torch.autograd.grad(plain, v, g)[0])
 
 
 @pytest.mark.parametrize("k", [64, 48])  # r^ = 32 divides k; r^ = 28 does not: x~ is wider than x
