@@ -183,8 +183,8 @@ class LoRALinear(AdapterLinear):
 
 
 def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n (F.pad: 2 passes)
-    if n <= v.shape[-1]:
-        return v[..., :n]
+    if n <= v.shape[-1]:  # a copy: M's product would keep a view's whole x for the backward
+        return v[..., :n].clone()
     return torch.cat([v, v.new_zeros(*v.shape[:-1], n - v.shape[-1])], -1)
 
 
