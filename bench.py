@@ -15,7 +15,7 @@ for the backward pass; peak MB: a row's steps in a process of their own, above w
 resident set; CUDA: allocations).
 """
 
-import argparse, collections, functools, math, multiprocessing, os, platform, statistics, time, types
+import argparse, collections, functools, math, multiprocessing, os, platform, signal, statistics, time, types
 
 import common  # first: a Ctrl-C while torch loads is one line too
 import torch
@@ -190,11 +190,18 @@ def step_memory(name, r, args):
     return dict(peak_mb=max(0.0, peak_memory_mb(args.device) - resting), flops=work,  # the kernel's peak can lag
                 trainable_params=count_parameters(model, trainable_only=True))
 
+def ignore_interrupts():  # a row's process: Ctrl-C and SIGTERM are the parent's to answer, in one line
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+def row_process():
+    return ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=ignore_interrupts)
+
 def bench_model(r, args):
     """Each row's memory in a fresh process (its peak is its own), then the times of all rows round-robin here."""
     rows = []
     for name in MODEL_ROWS:
-        with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        with row_process() as pool:
             rows.append(dict(name=name, **pool.submit(step_memory, name, r, args).result()))
     steps = {name: training_step(name, r, args)[0] for name in MODEL_ROWS}
     for row, samples in zip(rows, time_round_robin(steps, args).values()):

@@ -2036,6 +2036,12 @@ def test_help_says_every_flag_and_the_fixed_defaults(capsys, monkeypatch):
 # bench.py
 
 
+def test_a_bench_row_process_leaves_ctrl_c_and_sigterm_to_the_parent():  # it printed a traceback of its own
+    with bench.row_process() as pool:
+        handlers = [pool.submit(signal.getsignal, s).result() for s in (signal.SIGINT, signal.SIGTERM)]
+    assert handlers == [signal.SIG_IGN] * 2
+
+
 def test_bench_writes_every_figure(tmp_path, monkeypatch):
     path = tmp_path / "bench.json"
     monkeypatch.setattr(bench, "MIN_SAMPLE_S", 0.0)  # one call per sample: this checks the plumbing, not the times
