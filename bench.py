@@ -190,19 +190,23 @@ def step_memory(name, r, args):
     return dict(peak_mb=max(0.0, peak_memory_mb(args.device) - resting), flops=work,  # the kernel's peak can lag
                 trainable_params=count_parameters(model, trainable_only=True))
 
-def ignore_interrupts():  # a row's process: Ctrl-C and SIGTERM are the parent's to answer, in one line
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-
-def row_process():
-    return ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=ignore_interrupts)
+def in_own_process(fn, *args):
+    """fn(*args) in a fresh process, which starts with Ctrl-C and SIGTERM blocked (a mask outlives exec): this
+    process answers them in one line; the worker, even while it starts, cannot print a traceback."""
+    quiet = {signal.SIGINT, signal.SIGTERM}
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        signal.pthread_sigmask(signal.SIG_BLOCK, quiet)
+        try:
+            future = pool.submit(fn, *args)  # the worker starts here
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, quiet)
+        return future.result()
 
 def bench_model(r, args):
     """Each row's memory in a fresh process (its peak is its own), then the times of all rows round-robin here."""
     rows = []
     for name in MODEL_ROWS:
-        with row_process() as pool:
-            rows.append(dict(name=name, **pool.submit(step_memory, name, r, args).result()))
+        rows.append(dict(name=name, **in_own_process(step_memory, name, r, args)))
     steps = {name: training_step(name, r, args)[0] for name in MODEL_ROWS}
     for row, samples in zip(rows, time_round_robin(steps, args).values()):
         row.update(ms=statistics.median(samples) * 1e3, tokens_per_s=BATCH * SEQ_LEN / statistics.median(samples))
