@@ -349,9 +349,8 @@ class MoRALinear(AdapterLinear):
         self.M = nn.Parameter(base.weight.new_zeros(self.r_hat, self.r_hat))  # (r^, r^)
 
     @property
-    def n_blocks(self):  # n: blocks that have outputs to keep (decoupling, rotation), else 1
-        k, d, r_hat = self.in_features, self.out_features, self.r_hat
-        return min(-(-k // r_hat), -(-d // r_hat)) if VARIANTS[self.variant][0] is split_blocks else 1
+    def n_blocks(self):  # n: decoupling's and rotation's blocks that have outputs to keep
+        return min(-(-self.in_features // self.r_hat), -(-self.out_features // self.r_hat))
 
     def blocks(self, M):
         """M R_i for each block i, (n, r^, r^): M with each row turned by -i theta_j (R_i^T turns
@@ -361,11 +360,11 @@ class MoRALinear(AdapterLinear):
         cos, sin = rope_cos_sin(self.r_hat, self.n_blocks, dtype=M.dtype, device=M.device)
         return apply_rotary(M, cos[:, None, :], -sin[:, None, :])
 
-    def update(self, x, M=None):  # f_decomp(M f_comp(x)): block i of f_comp(x) times its own M R_i
+    def update(self, x, M=None):  # f_decomp(M f_comp(x)); decoupling, rotation: block i times M R_i
         f_comp, f_decomp = VARIANTS[self.variant]
         M = self.M if M is None else M
-        if f_comp is split_blocks:  # the same product, with a backward that keeps less
-            y = BlockProduct.apply(x, M, self)
+        if f_comp is split_blocks:  # diag(M R_1, ..., M R_n) x~, with a backward that keeps less
+            y = BlockProduct.apply(x, M, self)  # (..., min(d, n r^))
         else:
             y = f_comp(x, self.r_hat) @ M.T  # (..., r^)
         return f_decomp(y, self.out_features)
