@@ -183,9 +183,13 @@ class LoRALinear(AdapterLinear):
 
 
 def zero_pad(v, n):  # truncation: v cut, or padded with zeros, to length n (F.pad: 2 passes)
-    if n <= v.shape[-1]:  # a copy: M's product would keep a view's whole x for the backward
-        return v[..., :n].clone()
+    if n <= v.shape[-1]:
+        return v[..., :n]
     return torch.cat([v, v.new_zeros(*v.shape[:-1], n - v.shape[-1])], -1)
+
+
+def truncate(x, r_hat):  # truncation's f_comp: x cut to r^ (or padded)
+    return zero_pad(x, r_hat).contiguous()  # a copy: M's product would keep a view's whole x for the backward
 
 
 def cyclic_pad(v, n):
@@ -247,7 +251,7 @@ def interleave(y, d):  # RI: out_i = y_g(i), the d outputs in r^ contiguous grou
 
 # variant: (f_comp, f_decomp). The order is part of the saved state (it holds an index).
 VARIANTS = {
-    "truncation": (zero_pad, zero_pad),
+    "truncation": (truncate, zero_pad),
     "sharing": (chunk_sum, cyclic_pad),  # Eq. 6: CS, T
     "decoupling": (split_blocks, cyclic_pad),
     "rotation": (split_blocks, cyclic_pad),  # Eq. 9: block i turned by R_i before M

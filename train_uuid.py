@@ -109,10 +109,11 @@ def evaluate(model, pairs, vocab, device, autocast, batch_size=512):
 
 @torch.no_grad()
 def value_bits(model, x, y, vocab, autocast, batch_size=512):
-    """Bits held about the values, summed over the pairs of make_examples' x, y. A value's: 122 minus its code length, the sum of -log2 of each
-    character's teacher-forced probability given "key:" and the value before it, renormalised over what UUID_FORMAT
-    allows there (a fixed character costs 0). 122 for a value predicted with certainty, 0 for the format's uniform
-    prior; clipped at 0, so a value predicted worse than the prior cancels nothing. Keys (also trained) not counted."""
+    """Bits held about the values, summed over the pairs of make_examples' x, y. A value's: 122 minus its code
+    length, the sum of -log2 of each character's teacher-forced probability given "key:" and the value before it,
+    renormalised over what UUID_FORMAT allows there (a fixed character costs 0). 122 for a value predicted with
+    certainty, 0 for the format's uniform prior; clipped at 0, so a value predicted worse than the prior cancels
+    nothing. Keys (also trained) not counted."""
     allowed = torch.tensor([[t in chars for t in vocab] for chars in UUID_FORMAT], device=x.device)
     values = slice(PROMPT_LEN - 1, PROMPT_LEN - 1 + UUID_LEN)  # the targets that are the value's characters
     model.eval()
