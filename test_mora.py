@@ -1,6 +1,7 @@
 """Tests of mora.py in the paper's order, an equation a section, then of common.py and the scripts.
 Run: python -m pytest -q"""
 
+import ast
 import argparse
 import collections
 import contextlib
@@ -1715,6 +1716,15 @@ def test_every_method_lowers_the_loss(corpus, tmp_path):
     assert params["full"] > params["lora"]
 
 
+def test_the_greedy_sample_opens_with_the_held_out_text():
+    model = Llama(LlamaConfig(vocab_size=257, dim=32, hidden_dim=64, n_heads=2, n_layers=1, max_seq_len=64))
+    strings = ttl.token_strings(ttl.get_encoding("bytes", 0))
+    data = {"val_windows": torch.tensor([list("Grüße, world".encode())]), "token_bytes": strings}
+    shown = ast.literal_eval(ttl.sample(model, data, {"device": "cpu", "autocast": contextlib.nullcontext()}, 5, 6))
+    new = model.generate(data["val_windows"][:, :5], 6)[0, 5:].tolist()
+    assert shown == "[Grü\ufffd]" + b"".join(strings[i].encode("latin-1") for i in new).decode("utf-8", "replace")
+
+
 def test_remora_merge_keeps_outputs_and_moves_the_grouping():
     args = ttl.parse_args(["--rank", "4", "--variant", "sharing"])
     cfg = LlamaConfig(vocab_size=64, dim=32, hidden_dim=64, n_heads=2, n_layers=2, max_seq_len=16)
@@ -1856,13 +1866,11 @@ def test_a_damaged_token_cache_is_one_line(corpus, tmp_path):
            "--n-heads", "2", "--n-layers", "1", "--seq-len", "16", "--method", "full", "--val-tokens", "10000000"]
     ttl.main(run)  # held-out text shorter than --val-tokens: a note, and all of it
     (folder,) = tmp_path.iterdir()
-    whole = (folder / "train.npy").read_bytes()
-    for damage in (whole[:60], whole[:128] + b"\xff" * 64, np.arange(300, dtype=np.uint16), np.arange(9.0)):
-        if isinstance(damage, bytes):
-            (folder / "train.npy").write_bytes(damage)
-        else:
-            np.save(folder / "train.npy", damage)  # an id past the 257 bytes, or floats
-        with pytest.raises(common.Fail, match=f"the token cache {folder} is damaged .*; delete it"):
+    whole = (folder / "train.bin").read_bytes()
+    damages = (b"", whole[:61], b"\xff" * 64, np.arange(300, dtype=np.uint16).tobytes())  # ids past the 257 bytes
+    for damage in damages:
+        (folder / "train.bin").write_bytes(damage)
+        with pytest.raises(common.Fail, match=f"the token files in {folder} are damaged .*; delete them"):
             ttl.main(run)
 
 
@@ -1896,6 +1904,7 @@ def test_a_diverging_run_stops_alone_and_is_recorded(corpus, tmp_path, monkeypat
     assert full["diverged_at"] in (1, 2, 3, 4) and full["val_loss"] is None and full["sv_count"] is None
     assert f"full diverged: the loss is not finite at step {full['diverged_at']}" in printed
     assert f"full (seed 1337 diverged at step {full['diverged_at']})" in printed  # in the table
+    assert "full, greedy" not in printed and printed.count(", greedy: '[") == 4  # text from each trained model
     assert all(r["diverged_at"] is None and math.isfinite(r["val_loss"]) for r in runs[1:])
     resumed = ttl.main(run + ["--resume"])  # diverges again, from its last finite checkpoint, if any
     assert resumed[0]["diverged_at"] and [r["val_loss"] for r in resumed[1:]] == [r["val_loss"] for r in runs[1:]]
@@ -1941,7 +1950,7 @@ def test_two_first_runs_sharing_a_cache_folder(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(ttl, "tokenize", racing)
     train, val = ttl.load_data(args, enc, 0, print)
     (folder,) = os.listdir(tmp_path)
-    assert sorted(os.listdir(tmp_path / folder)) == ["train.npy", "val.npy"]
+    assert sorted(os.listdir(tmp_path / folder)) == ["train.bin", "val.bin"]
     assert np.array_equal(train, ttl.load_data(args, enc, 0, print)[0])
 
 

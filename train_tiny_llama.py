@@ -231,29 +231,30 @@ def tokenize(documents, enc, val_fraction, log):
     return train, val
 
 def load_data(args, enc, rank, log):
-    """The train and validation tokens as read-only memmaps, tokenised on first use into a cache named by the data
-    (files by path, size and mtime; the built-in corpus by Python version), the encoding and the split."""
+    """The train and validation ids as read-only memmaps (nanoGPT's train.bin and val.bin), tokenised on first use
+    into a folder named by the corpus, the encoding and a hash of what made them (files by path, size and mtime;
+    the built-in corpus by Python version; the split)."""
     paths = data_paths(args.data) if args.data else None
     data = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths] if paths else sys.version
     key = json.dumps({"data": data, "encoding": enc.name, "n_vocab": enc.n_vocab, "val_fraction": args.val_fraction})
-    name = f"{'data' if paths else 'python-prose'}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    folder = os.path.join(args.cache_dir, name)
-    if rank == 0 and not os.path.exists(os.path.join(folder, "val.npy")):
+    corpus = os.path.basename(paths[0]).split(".")[0] if paths else "python-prose"
+    folder = os.path.join(args.cache_dir, f"{corpus}-{enc.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+    files = [os.path.join(folder, f"{split}.bin") for split in ("train", "val")]
+    if rank == 0 and not os.path.exists(files[1]):
         documents = (doc for path in paths for doc in read_documents(path)) if paths else python_prose()
         tokens = tokenize(documents, enc, args.val_fraction, log)
         os.makedirs(folder, exist_ok=True)
-        for split, part in zip(("train", "val"), tokens):  # each written whole; val.npy last marks a complete cache
-            with common.atomic_files([os.path.join(folder, f"{split}.npy")]) as (f,):
-                np.save(f, part)
-    while not os.path.exists(os.path.join(folder, "val.npy")):  # the other processes wait for rank 0's cache,
-        time.sleep(1)                                            # which can take longer than a collective's timeout
+        for path, part in zip(files, tokens):  # each written whole; val.bin last marks a complete folder
+            with common.atomic_files([path]) as (f,):
+                part.tofile(f)
+    while not os.path.exists(files[1]):  # the other processes wait for rank 0's tokens,
+        time.sleep(1)                     # which can take longer than a collective's timeout
     try:
-        train, val = (np.load(os.path.join(folder, f"{s}.npy"), mmap_mode="r") for s in ("train", "val"))
-        top = max(train.max(initial=0), val.max(initial=0)) if train.ndim == val.ndim == 1 else enc.n_vocab
-        if {train.dtype, val.dtype} != {token_dtype(enc)} or top >= enc.n_vocab:
-            raise ValueError(f"{train.dtype} and {val.dtype} tokens, not ids below {enc.n_vocab} as {token_dtype(enc)}")
-    except (OSError, ValueError, EOFError) as e:
-        raise Fail(f"the token cache {folder} is damaged ({common.why(e)}); delete it") from None
+        train, val = (np.memmap(path, dtype=token_dtype(enc), mode="r") for path in files)
+        if max(train.max(), val.max()) >= enc.n_vocab:
+            raise ValueError(f"an id past the {enc.n_vocab} of {enc.name}")
+    except (OSError, ValueError) as e:
+        raise Fail(f"the token files in {folder} are damaged ({common.why(e)}); delete them") from None
     if len(train) <= args.seq_len + 1 or len(val) <= args.seq_len + 1:
         raise Fail(f"too little text: {len(train)} train and {len(val)} validation tokens, but --seq-len "
                    f"{args.seq_len} needs more than {args.seq_len + 1} in each")
@@ -452,7 +453,16 @@ def finish_run(raw, method, args, env, data, settings, curve, diverged, seconds)
         env["log"](f"{method}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 700)):.2f}, "
                    f"{run['bits_per_byte']:.3f} bits/byte; W_final - W_init has {run['sv_count']:.1f} of "
                    f"{run['sv_of']:.0f} singular values above 0.1 per matrix")
+        env["log"](f"{method}, greedy: {sample(raw, data, env)}")
     return run
+
+def sample(model, data, env, prompt_tokens=32, new_tokens=64):
+    """nanoGPT's habit: text from the model just trained, greedy after the held-out text's opening [in brackets]."""
+    prompt = data["val_windows"][:1, :prompt_tokens].to(env["device"])
+    with env["autocast"]:
+        ids = model.generate(prompt, new_tokens)[0].tolist()
+    text = lambda ids: b"".join(data["token_bytes"][i].encode("latin-1") for i in ids).decode("utf-8", "replace")
+    return repr(f"[{text(ids[:prompt.size(1)])}]{text(ids[prompt.size(1):])}")
 
 # 5. Report and main ---------------------------------------------------------------------------------------------------
 def report(runs, args, log):
