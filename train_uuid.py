@@ -359,7 +359,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=PATH, metavar="DIR", help="save each run's model, a file per method, rank, variant, "
                    "lr and seed; never over an existing file")
     args = p.parse_args(argv)
-    common.note_ignored(args, READERS, [args.method])
+    common.note_ignored(p, args, READERS, [args.method])
     if args.threads:  # at once: the figures depend on it (the order of float sums), so the settings record it
         torch.set_num_threads(args.threads)
     for name, value in SETTINGS[args.setting].items():  # explicit flags override the setting
