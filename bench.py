@@ -23,33 +23,36 @@ import torch.nn as nn
 from concurrent.futures import ProcessPoolExecutor
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import COUNT, PATH, POSITIVE_INT, SEED, THREADS
+from common import COUNT, PATH, POSITIVE_INT, SEED, THREADS, flag
 from mora import PRESETS, VARIANTS, LlamaConfig, LoRALinear, MoRALinear, count_parameters
 
-DEFAULT_LAYERS = ["4096:4096:8", "4096:4096:256", "4096:11008:8", "4096:11008:256"]  # attention, MLP; r = 8 and 256
-MIN_SAMPLE_S = 0.02  # a sample repeats a call until it lasts about this long (small shapes run in microseconds)
+DEFAULT_LAYERS = ["4096:4096:8", "4096:4096:256", "4096:11008:8", "4096:11008:256"]  # attn, MLP
+MIN_SAMPLE_S = 0.02  # a sample repeats a call to last this long (small shapes take microseconds)
 MODEL_ROWS = {"full": ("full", None), "lora": ("lora", None), "mora sharing": ("mora", "sharing"),
               "mora rotation": ("mora", "rotation")}  # row: (train_tiny_llama's method, variant)
 BATCH, SEQ_LEN, VOCAB = 4, 256, 4096
 
-LAYER = common.flag(lambda text: tuple(map(int, text.split(":"))), lambda v: len(v) == 3 and all(0 < n < 2 ** 31
-                    for n in v), "in:out:rank, three positive integers below 2**31")  # in_features:out_features:r
+LAYER = flag(lambda text: tuple(map(int, text.split(":"))), lambda v: len(v) == 3 and all(
+             0 < n < 2 ** 31 for n in v), "in:out:rank, three positive integers below 2**31")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     p.add_argument("--device", type=common.device, default="cpu", help="cpu or cuda (cuda:N)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the layer, its adapter and the input, or "
-                   "the model's autocast (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the layer, its adapter and "
+                   "the input, or the model's autocast (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=THREADS, help="CPU threads for torch (default: torch's own choice)")
-    p.add_argument("--layers", nargs="+", type=LAYER, default=[LAYER(s) for s in DEFAULT_LAYERS], metavar="IN:OUT:R",
-                   help=f"layers as in_features:out_features:rank (default: {' '.join(DEFAULT_LAYERS)})")
+    p.add_argument("--layers", nargs="+", type=LAYER, default=[LAYER(s) for s in DEFAULT_LAYERS],
+                   metavar="IN:OUT:R", help="layers as in_features:out_features:rank "
+                   f"(default: {' '.join(DEFAULT_LAYERS)})")
     p.add_argument("--tokens", type=POSITIVE_INT, default=2048, help="tokens T in one forward pass of a layer")
-    p.add_argument("--model", choices=list(PRESETS), help="time training steps of the model at this preset instead")
-    p.add_argument("--ranks", nargs="+", type=POSITIVE_INT, default=[8, 128], help="the adapters' ranks, with --model")
+    p.add_argument("--model", choices=list(PRESETS),
+                   help="time training steps of the model at this preset instead")
+    p.add_argument("--ranks", nargs="+", type=POSITIVE_INT, default=[8, 128],
+                   help="the adapters' ranks, with --model")
     p.add_argument("--repeats", type=POSITIVE_INT, default=10, help="timed samples of each row, median reported")
     p.add_argument("--warmup", type=COUNT, default=2, help="untimed calls of each row first")
     p.add_argument("--seed", type=SEED, default=0, help="seed of weights and inputs")
-    p.add_argument("--json", type=PATH, metavar="PATH", help="add each layer's or rank's figures to this JSON as it "
-                   "is timed (replacing one with the same settings)")
+    p.add_argument("--json", type=PATH, metavar="PATH", help="add each layer's or rank's figures "
+                   "to this JSON as it is timed (replacing one with the same settings)")
     args = p.parse_args(argv)
     if args.device.type not in ("cpu", "cuda"):
         p.error(f"--device: only cpu and cuda are timed here, got {args.device}")
@@ -68,11 +71,12 @@ def sample(fn, calls, device):  # seconds a call
     return (time.perf_counter() - t0) / calls
 
 def time_round_robin(fns, args):
-    """{name: samples, seconds a call}: after the warm-up, a sample of each fn in turn, round after round."""
+    """{name: [seconds a call]}: after warm-ups, a sample of each fn in turn, round after round."""
     for fn in fns.values():
         for _ in range(args.warmup):
             fn()
-    calls = {name: max(1, math.ceil(MIN_SAMPLE_S / max(sample(fn, 1, args.device), 1e-9))) for name, fn in fns.items()}
+    calls = {name: max(1, math.ceil(MIN_SAMPLE_S / max(sample(fn, 1, args.device), 1e-9)))
+             for name, fn in fns.items()}
     samples = {name: [] for name in fns}
     for _ in range(args.repeats):
         for name, fn in fns.items():
@@ -85,8 +89,7 @@ def flops(fn):  # of the matrix products in one call: the work no implementation
     return counter.get_total_flops()
 
 def saved_for_backward_mb(forward, exclude):
-    """Megabytes that autograd keeps for the backward pass of forward(): distinct storages, but the weights
-    in `exclude` (which exist anyway)."""
+    """MB autograd saves for forward()'s backward: distinct storages but exclude's (kept anyway)."""
     excluded, kept = {t.untyped_storage().data_ptr() for t in exclude}, {}
 
     def pack(t):
@@ -98,7 +101,7 @@ def saved_for_backward_mb(forward, exclude):
     return sum(kept.values()) / 2 ** 20
 
 def peft_layers(base, r):
-    """PEFT's LoRA and its MiSS at LoRA's parameter count (a (r', d) block, r' = r (k + d) / d), if peft is there."""
+    """PEFT's LoRA, and MiSS at LoRA's parameter count ((r', d), r' = r (k + d) / d), if there."""
     try:
         from peft import LoraConfig, MissConfig, get_peft_model
     except ImportError:
@@ -113,14 +116,14 @@ def peft_layers(base, r):
 def bench_layer(k, d, r, args):
     dev, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    base = nn.Linear(k, d, bias=False, device=dev, dtype=dtype).requires_grad_(False)  # LLaMA's have no bias
+    base = nn.Linear(k, d, bias=False, device=dev, dtype=dtype).requires_grad_(False)  # as LLaMA's
     layers = {"frozen layer": base, "lora": LoRALinear(base, r)}
     layers.update({f"mora {v}": MoRALinear(base, r, v) for v in VARIANTS})
     layers.update({name: layer.to(dev, dtype) for name, layer in peft_layers(base, r).items()})
     with torch.no_grad():  # a trained adapter, not the zero update of step 0 (the time is the same)
         for p in (p for layer in layers.values() for p in layer.parameters() if p.requires_grad):
             p.normal_(0.0, 0.01)
-    x = torch.randn(args.tokens, k, device=dev, dtype=dtype, requires_grad=True)  # inside a network it needs a grad
+    x = torch.randn(args.tokens, k, device=dev, dtype=dtype, requires_grad=True)  # as in a network
     g = torch.randn(args.tokens, d, device=dev, dtype=dtype)
 
     def train_step(layer):
@@ -132,11 +135,11 @@ def bench_layer(k, d, r, args):
         return step
     steps = {name: train_step(layer) for name, layer in layers.items()}
     work = {name: flops(step) for name, step in steps.items()}
-    samples = {name: [s * 1e3 for s in samples] for name, samples in time_round_robin(steps, args).items()}
+    samples = {n: [s * 1e3 for s in ss] for n, ss in time_round_robin(steps, args).items()}
     return dict(in_features=k, out_features=d, r=r, tokens=args.tokens, rows=against_lora([dict(
-        name=name, ms=statistics.median(samples[name]), samples_ms=samples[name], flops=work[name],
-        saved_mb=saved_for_backward_mb(lambda: layer(x), layer.parameters()), r_hat=getattr(layer, "r_hat", None),
-        trainable_params=count_parameters(layer, trainable_only=True)) for name, layer in layers.items()]))
+        name=n, ms=statistics.median(samples[n]), samples_ms=samples[n], flops=work[n],
+        saved_mb=saved_for_backward_mb(lambda: m(x), m.parameters()), r_hat=getattr(m, "r_hat", None),
+        trainable_params=count_parameters(m, trainable_only=True)) for n, m in layers.items()]))
 
 def against_lora(rows):  # each row's time, matrix FLOPs and peak memory over LoRA's
     lora = next(row for row in rows if row["name"] == "lora")
@@ -147,8 +150,7 @@ def against_lora(rows):  # each row's time, matrix FLOPs and peak memory over Lo
     return rows
 
 def peak_memory_mb(device, reset=False):
-    """The peak since the last reset: CUDA's allocations, or on Linux the resident set (VmHWM, reset through
-    clear_refs); with reset, what is held now."""
+    """Peak MB since the last reset (CUDA's allocations, or VmHWM on Linux); with reset, MB now."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device) if reset else torch.cuda.synchronize(device)
         return (torch.cuda.memory_allocated if reset else torch.cuda.max_memory_allocated)(device) / 2 ** 20
@@ -159,8 +161,7 @@ def peak_memory_mb(device, reset=False):
     return int(status["VmRSS" if reset else "VmHWM"].split()[0]) / 2 ** 10
 
 def training_step(name, r, args):
-    """A training step of the model with row name's adapters at rank r (train_tiny_llama's build and rates), and the
-    model: the same random batch every step."""
+    """(step, model): train_tiny_llama's model, row name's adapters at rank r, one random batch."""
     import train_tiny_llama as ttl
     method, variant = MODEL_ROWS[name]
     cfg = LlamaConfig(**PRESETS[args.model], vocab_size=VOCAB, max_seq_len=SEQ_LEN)
@@ -180,22 +181,21 @@ def training_step(name, r, args):
     return step, model
 
 def step_memory(name, r, args):
-    """In a process of its own: the peak memory of two training steps (the first makes AdamW's moments) above what
-    the process held before them, a step's matrix FLOPs and the trainable parameters."""
+    """In a process of its own: two steps' peak memory above what was held (at least 0: the kernel's
+    peak lags; step 1 makes AdamW's moments), a step's matrix FLOPs and the trainable parameters."""
     torch.set_num_threads(args.threads) if args.threads else None
     step, model = training_step(name, r, args)
     resting = peak_memory_mb(args.device, reset=True)
     work = flops(step)
     step()
-    return dict(peak_mb=max(0.0, peak_memory_mb(args.device) - resting), flops=work,  # the kernel's peak can lag
+    return dict(peak_mb=max(0.0, peak_memory_mb(args.device) - resting), flops=work,
                 trainable_params=count_parameters(model, trainable_only=True))
 
 def in_own_process(fn, *args):
-    """fn(*args) in a fresh process, which starts with Ctrl-C and SIGTERM blocked (a mask outlives exec): this
-    process answers them in one line; the worker, even while it starts, cannot print a traceback."""
+    """fn(*args) in a fresh process, Ctrl-C and SIGTERM blocked: we answer them in one line."""
     quiet = {signal.SIGINT, signal.SIGTERM}
     with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
-        signal.pthread_sigmask(signal.SIG_BLOCK, quiet)
+        signal.pthread_sigmask(signal.SIG_BLOCK, quiet)  # outlives exec: no traceback from worker
         try:
             future = pool.submit(fn, *args)  # the worker starts here
         finally:
@@ -203,10 +203,8 @@ def in_own_process(fn, *args):
         return future.result()
 
 def bench_model(r, args):
-    """Each row's memory in a fresh process (its peak is its own), then the times of all rows round-robin here."""
-    rows = []
-    for name in MODEL_ROWS:
-        rows.append(dict(name=name, **in_own_process(step_memory, name, r, args)))
+    """Each row's memory in a fresh process (a peak of its own), then all times round-robin here."""
+    rows = [dict(name=name, **in_own_process(step_memory, name, r, args)) for name in MODEL_ROWS]
     steps = {name: training_step(name, r, args)[0] for name in MODEL_ROWS}
     for row, samples in zip(rows, time_round_robin(steps, args).values()):
         row.update(ms=statistics.median(samples) * 1e3, tokens_per_s=BATCH * SEQ_LEN / statistics.median(samples))
@@ -216,11 +214,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cuda = args.device.type == "cuda"
-    gpu = {"gpu": torch.cuda.get_device_name(args.device), "cuda": torch.version.cuda} if cuda else {}
+    gpu = ({"gpu": torch.cuda.get_device_name(args.device), "cuda": torch.version.cuda}
+           if args.device.type == "cuda" else {})
     info = dict(device=str(args.device), dtype=args.dtype, cpu=platform.processor() or platform.machine(),
                 torch_threads=torch.get_num_threads(), torch=torch.__version__, **gpu)
-    print(", ".join(f"{k} {v}" for k, v in info.items()) + f"; median of {args.repeats} samples, rows interleaved")
+    machine = ", ".join(f"{k} {v}" for k, v in info.items())
+    print(machine + f"; median of {args.repeats} samples, rows interleaved")
     jobs = [functools.partial(bench_model, r) for r in args.ranks] if args.model else [
         functools.partial(bench_layer, *shape) for shape in args.layers]
     done = []
@@ -237,16 +236,17 @@ def main(argv=None):
         print(f"\nadded {len(done)} runs to {args.json}")
 
 COLUMNS = {"ms": ("ms", ".1f"), "tokens_per_s": ("tokens/s", ",.0f"), "vs_lora": ("x LoRA", ".3f"),
-           "bound": ("bound", ".3f"), "saved_mb": ("saved MB", ".1f"), "peak_mb": ("peak MB", ".0f"),
-           "peak_vs_lora": ("peak x LoRA", ".3f"), "r_hat": ("r^", ""), "trainable_params": ("trainable", ",")}
+           "bound": ("bound", ".3f"), "saved_mb": ("saved MB", ".1f"),
+           "peak_mb": ("peak MB", ".0f"), "peak_vs_lora": ("peak x LoRA", ".3f"),
+           "r_hat": ("r^", ""), "trainable_params": ("trainable", ",")}
 
 def report(res, args):  # print the figures of one layer or rank
     what = f"model {args.model}" if args.model else f"layer {res['in_features']} -> {res['out_features']}"
     print(f"\n{what}, r = {res['r']}: {'training steps' if args.model else 'forward + backward'}\n")
     shown = [c for c in COLUMNS if c in res["rows"][0]]
     cell = lambda row, c: "-" if row[c] is None else format(row[c], COLUMNS[c][1])
-    print(common.table(["", *(COLUMNS[c][0] for c in shown)], [[row["name"], *(cell(row, c) for c in shown)]
-                                                                for row in res["rows"]]))
+    print(common.table(["", *(COLUMNS[c][0] for c in shown)],
+                       [[row["name"], *(cell(row, c) for c in shown)] for row in res["rows"]]))
 
 if __name__ == "__main__":
     common.main_guard(main)
