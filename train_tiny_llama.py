@@ -109,12 +109,13 @@ def check_args(p, args):
                 "validation window")
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     args.merge_every = args.merge_every or max(1, args.steps // 5)
-    if args.rewarmup is not None and args.rewarmup >= args.merge_every:
+    merges = set(args.methods) & set(MERGING)
+    if merges and args.rewarmup is not None and args.rewarmup >= args.merge_every:
         p.error(f"--rewarmup {args.rewarmup} must be below --merge-every {args.merge_every}, or "
                 "the rate never gets back to the cosine between merges")
     if args.rewarmup is None:
         args.rewarmup = min(max(5, args.steps // 200), args.merge_every - 1)
-    if set(args.methods) & set(MERGING) and args.merge_every >= args.steps:
+    if merges and args.merge_every >= args.steps:
         common.note(f"--merge-every {args.merge_every} is not below --steps {args.steps}: no merge "
                     "ever happens")
     if args.save_every != p.get_default("save_every") and not args.out:
@@ -269,40 +270,55 @@ def tokenize(documents, enc, val_fraction, log):
     return train, val
 
 def load_data(args, enc, rank, log):
-    """The train and validation ids as read-only memmaps (nanoGPT's train.bin and val.bin),
-    tokenised on first use into a folder named by the corpus, the encoding and a hash of what made
-    them (files by path, size and mtime; the built-in corpus by Python version; the split)."""
+    """The train and validation ids as read-only memmaps (nanoGPT's train.bin and val.bin), and
+    their meta.json (counts and SHA-256), tokenised on first use into a folder named by the corpus,
+    the encoding and a hash of what made them (files by path, size and mtime; the built-in corpus
+    by Python version; the split)."""
     paths = data_paths(args.data) if args.data else None
     source = sys.version  # the built-in corpus changes with Python
     if paths:
         source = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
     key = json.dumps({"data": source, "encoding": enc.name, "n_vocab": enc.n_vocab,
                       "val_fraction": args.val_fraction})
-    corpus = os.path.basename(paths[0]).split(".")[0] if paths else "python-prose"
+    corpus = os.path.basename(paths[0]).split(".")[0][:40] if paths else "python-prose"
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     folder = os.path.join(args.cache_dir, f"{corpus}-{enc.name}-{digest}")
-    files = [os.path.join(folder, f"{split}.bin") for split in ("train", "val")]
-    if rank == 0 and not os.path.exists(files[1]):
+    files = [os.path.join(folder, name) for name in ("train.bin", "val.bin", "meta.json")]
+    if rank == 0 and not os.path.exists(files[2]):
         documents = (doc for p in paths for doc in read_documents(p)) if paths else python_prose()
         tokens = tokenize(documents, enc, args.val_fraction, log)
+        sha256 = hashlib.sha256()
+        for part in tokens:
+            sha256.update(part)
+        meta = {"train_tokens": len(tokens[0]), "val_tokens": len(tokens[1]),
+                "sha256": sha256.hexdigest()}
         os.makedirs(folder, exist_ok=True)
-        for path, part in zip(files, tokens):  # each written whole; val.bin last marks a whole folder
-            with common.atomic_files([path]) as (f,):
-                part.tofile(f)
-    while not os.path.exists(files[1]):  # the other processes wait for rank 0's tokens,
+        with common.atomic_files(files) as (train_file, val_file, meta_file):  # meta.json last
+            tokens[0].tofile(train_file)
+            tokens[1].tofile(val_file)
+            meta_file.write(json.dumps(meta).encode())
+    while not os.path.exists(files[2]):  # the other processes wait for rank 0's tokens,
         time.sleep(1)                     # which can take longer than a collective's timeout
     try:
-        train, val = (np.memmap(path, dtype=token_dtype(enc), mode="r") for path in files)
+        if not all(map(os.path.isfile, files)):  # a FIFO would block
+            raise ValueError("not three regular files")
+        with open(files[2]) as f:
+            meta = json.load(f)
+        counts, sha256 = [int(meta["train_tokens"]), int(meta["val_tokens"])], str(meta["sha256"])
+        itemsize = token_dtype(enc).itemsize
+        if [os.path.getsize(path) for path in files[:2]] != [n * itemsize for n in counts]:
+            raise ValueError(f"not {counts[0]:,} and {counts[1]:,} tokens as meta.json says")
+        train, val = (np.memmap(path, dtype=token_dtype(enc), mode="r") for path in files[:2])
         if max(train.max(), val.max()) >= enc.n_vocab:
             raise ValueError(f"an id past the {enc.n_vocab} of {enc.name}")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise Fail(f"the token files in {folder} are damaged ({common.why(e)}); delete them") from None
     if len(train) <= args.seq_len + 1 or len(val) <= args.seq_len + 1:
         raise Fail(f"too little text: {len(train)} train and {len(val)} validation tokens, but "
                    f"--seq-len {args.seq_len} needs more than {args.seq_len + 1} in each")
     log(f"{enc.name}: {enc.n_vocab:,} tokens; {len(train):,} train and {len(val):,} validation "
         f"tokens ({folder})")
-    return train, val
+    return train, val, sha256
 
 def get_batch(data, batch_size, seq_len, generator):
     """batch_size random windows of the token stream: inputs and next-token targets."""
@@ -379,7 +395,7 @@ def run_settings(args, data, method, env):
     return {"model": vars(data["cfg"]), "method": method,
             "proj_lr": args.proj_lr or DEFAULT_PROJ_LR[method], "tokens_a_step": tokens_a_step,
             "dtype": args.dtype, "world_size": env["world"], "encoding": data["encoding"],
-            "data_tokens": [len(data["train"]), len(data["val"])],
+            "data_tokens": [len(data["train"]), len(data["val"])], "data_sha256": data["sha256"],
             **{k: getattr(args, k) for k in keys},
             **{k: getattr(args, k) if method in READERS[k] else None for k in READERS}}
 
@@ -588,7 +604,7 @@ def load(args, env):
                           max_seq_len=args.seq_len)
     except ValueError as e:
         raise Fail(f"--dim / --n-heads: {e}") from None
-    train, val = load_data(args, enc, env["rank"], env["log"])
+    train, val, sha256 = load_data(args, enc, env["rank"], env["log"])
     if args.val_tokens > len(val) - 1:
         common.note(f"--val-tokens {args.val_tokens}: the held-out text has {len(val) - 1:,}; "
                     "validating on those")
@@ -598,8 +614,8 @@ def load(args, env):
     vocab = token_strings(enc)
     lengths = np.array([0 if i == enc.eot_token else len(b) for i, b in enumerate(vocab)])  # in bytes
     per_byte = float(windows[:, 1:].numel() / lengths[windows[:, 1:].numpy()].sum())
-    return {"cfg": cfg, "train": train, "val": val, "val_windows": windows, "encoding": enc.name,
-            "token_bytes": vocab, "tokens_per_byte": per_byte,
+    return {"cfg": cfg, "train": train, "val": val, "sha256": sha256[:16], "val_windows": windows,
+            "encoding": enc.name, "token_bytes": vocab, "tokens_per_byte": per_byte,
             "held_out": {"windows": windows, "tokens_per_byte": per_byte}}
 
 def main(argv=None):
