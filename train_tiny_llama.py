@@ -224,11 +224,12 @@ def get_encoding(name, vocab_size):
     except Exception as e:  # the others are downloaded on first use
         raise Fail(f"--encoding {name!r} could not be loaded (it may need a download): "
                    f"{common.why(e)}") from None
-    if vocab_size > base.n_vocab:
-        raise Fail(f"--vocab-size {vocab_size} is larger than {name}'s {base.n_vocab} tokens")
+    ranks = base._mergeable_ranks  # tiktoken's documented way to build a derived Encoding
+    if vocab_size > len(ranks) + 1:
+        raise Fail(f"--vocab-size {vocab_size} is larger than {name}'s {len(ranks)} BPE tokens and "
+                   "<|endoftext|>")
     if not vocab_size:
         return base
-    ranks = base._mergeable_ranks  # tiktoken's documented way to build a derived Encoding
     single_bytes = [(r, b) for b, r in ranks.items() if len(b) == 1]
     merges = sorted((r, b) for b, r in ranks.items() if len(b) > 1)
     kept = sorted(single_bytes + merges[: vocab_size - 1 - len(single_bytes)])
@@ -311,6 +312,8 @@ def load_data(args, enc, rank, log):
         train, val = (np.memmap(path, dtype=token_dtype(enc), mode="r") for path in files[:2])
         if max(train.max(), val.max()) >= enc.n_vocab:
             raise ValueError(f"an id past the {enc.n_vocab} of {enc.name}")
+    except PermissionError as e:
+        raise Fail(f"the token files in {folder} cannot be read ({common.why(e)})") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Fail(f"the token files in {folder} are damaged ({common.why(e)}); delete them") from None
     if len(train) <= args.seq_len + 1 or len(val) <= args.seq_len + 1:
@@ -460,8 +463,8 @@ def train_run(method, args, env, data, progress):
         saving = path and (step % args.save_every == 0 or step == args.steps)
         if (merging or evaluating or logging or saving) and not all_processes(finite):
             diverged = step  # neither merged nor saved: a resume starts from the last finite checkpoint
-            log(f"{method} diverged: the loss is not finite at step {step} (loss {loss.item()}); "
-                "stopping this run")
+            log(f"{method} diverged: the loss or its gradient is not finite at step {step} "
+                f"(loss {loss.item()}); stopping this run")
             break
         if merging:
             merge_adapters(raw, optimizer, (args.seed + step) % 2 ** 64)
