@@ -1872,6 +1872,11 @@ def test_a_damaged_token_cache_is_one_line(corpus, tmp_path):
     (folder,) = tmp_path.iterdir()
     whole = (folder / "train.bin").read_bytes()
     ids_past_257 = np.arange(len(whole) // 2, dtype=np.uint16).tobytes()
+    (folder / "meta.json").write_text("[" * 100000 + "]" * 100000)  # as deep as json cannot read
+    with pytest.raises(common.Fail, match=f"the token files in {folder} are damaged .*; delete them"):
+        ttl.main(run)
+    (folder / "meta.json").unlink()  # and made again, whole
+    ttl.main(run)
     for damage in (b"", whole[:61], whole[:-2], whole + whole, ids_past_257, "fifo"):
         (folder / "train.bin").unlink()
         if damage == "fifo":

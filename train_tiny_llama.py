@@ -314,7 +314,7 @@ def load_data(args, enc, rank, log):
             raise ValueError(f"an id past the {enc.n_vocab} of {enc.name}")
     except PermissionError as e:
         raise Fail(f"the token files in {folder} cannot be read ({common.why(e)})") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise Fail(f"the token files in {folder} are damaged ({common.why(e)}); delete them") from None
     if len(train) <= args.seq_len + 1 or len(val) <= args.seq_len + 1:
         raise Fail(f"too little text: {len(train)} train and {len(val)} validation tokens, but "
