@@ -1,5 +1,6 @@
 """What the scripts share: flags and their rules, the rate schedule, the optimizer, Sec. 6.1's
-count, safe outputs, one-line errors and interrupts, tables, plots. Imports mora and torch only."""
+count, safe outputs, one-line errors and interrupts, tables, plots. It imports mora, torch and the
+standard library (matplotlib for a plot)."""
 
 import argparse, contextlib, importlib.util, json, math, os, signal, sys, warnings
 
@@ -112,10 +113,19 @@ def note(text):
     if os.environ.get("RANK", "0") == "0":  # once, not once per process
         print(f"note: {text}", file=sys.stderr)
 
-def note_ignored(parser, args, readers, users):
-    """A note for each flag off its default that nothing run reads; readers: {flag: its readers}."""
+def parse_given(parser, argv, names):
+    """parser.parse_args, and which of names the command line gave: those start as None, so that
+    argparse fills only the others with their defaults, as it does for what a namespace lacks."""
+    args = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names)))
+    args.given = {name for name in names if getattr(args, name) is not None}
+    for name in set(names) - args.given:
+        setattr(args, name, parser.get_default(name))
+    return args
+
+def note_ignored(args, readers, users):
+    """A note for each flag given that nothing run reads; readers: {flag: its readers}."""
     for name, readers_of in readers.items():
-        if getattr(args, name) != parser.get_default(name) and not set(readers_of) & set(users):
+        if name in args.given and not set(readers_of) & set(users):
             note(f"--{name.replace('_', '-')} is ignored by --method {args.method} "
                  f"(only {', '.join(readers_of)} read it)")
 
@@ -242,7 +252,8 @@ def save_runs(path, runs):
 
 # Errors and interrupts ----------------------------------------------------------------------------
 def main_guard(main):
-    """Run main: an error is one line 'error: ...', an interrupt says what was kept; rank 0 only."""
+    """Run main: an error is one line 'error: ...', an interrupt one line of what was kept and how
+    to go on; under torchrun only rank 0 speaks."""
     quiet = os.environ.get("RANK", "0") != "0"
     try:
         main()

