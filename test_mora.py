@@ -1888,6 +1888,12 @@ def test_a_damaged_token_cache_is_one_line(corpus, tmp_path):
         (folder / name).unlink()
         (folder / name).write_bytes(whole if name == "train.bin" else meta)
     ttl.main(run)  # mended
+    (tmp_path / "elsewhere").mkdir()
+    (folder / "meta.json").unlink()
+    (folder / "meta.json").symlink_to(tmp_path / "elsewhere" / "meta.json")  # dangling
+    ttl.main(run)  # tokenised again, into the folder: a link there is replaced, not followed
+    assert (folder / "meta.json").is_file() and not (folder / "meta.json").is_symlink()
+    assert not (tmp_path / "elsewhere" / "meta.json").exists()
 
 
 def test_unreadable_token_files_are_not_called_damaged(corpus, monkeypatch):

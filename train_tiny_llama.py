@@ -292,7 +292,8 @@ def load_data(args, enc, rank, log):
         tokens = tokenize(documents, enc, args.val_fraction, log)
         meta = {"sha256": token_hash(*tokens), "source": key}
         os.makedirs(folder, exist_ok=True)
-        with common.atomic_files(files) as (train_file, val_file, meta_file):  # meta.json last
+        # meta.json last; a link in the folder is replaced, not followed out of it
+        with common.atomic_files(files, follow_links=False) as (train_file, val_file, meta_file):
             tokens[0].tofile(train_file)
             tokens[1].tofile(val_file)
             meta_file.write(json.dumps(meta).encode())
