@@ -15,7 +15,7 @@ for the backward pass; peak MB: a row's steps in a process of their own, above w
 resident set; CUDA: allocations).
 """
 
-import argparse, collections, functools, math, multiprocessing, os, platform, signal, statistics, time, types
+import collections, functools, math, multiprocessing, os, platform, signal, statistics, time, types
 
 import common  # first: a Ctrl-C while torch loads is one line too
 import torch
@@ -35,7 +35,7 @@ BATCH, SEQ_LEN, VOCAB = 4, 256, 4096
 LAYER = flag(lambda text: tuple(map(int, text.split(":"))), lambda v: len(v) == 3 and all(
              0 < n < 2 ** 31 for n in v), "in:out:rank, three positive integers below 2**31")
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
+    p = common.Parser(description=__doc__)
     p.add_argument("--device", type=common.device, default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="of the layer, its adapter and "
                    "the input, or the model's autocast (default: float32 on CPU, bfloat16 on CUDA)")

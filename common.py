@@ -82,6 +82,16 @@ class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
         own = action.default is None or action.default is False or "(default" in (action.help or "")
         return action.help if own else super()._get_help_string(action)
 
+class Parser(argparse.ArgumentParser):
+    """argparse with that help; under torchrun a bad flag is said once, by rank 0."""
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=Help, **kwargs)
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") != "0":
+            self.exit(2)
+        super().error(message)
+
 def add_run_flags(p, seed, log_every):
     """The flags of every training script."""
     p.add_argument("--seed", type=SEED, default=seed,

@@ -2061,6 +2061,15 @@ def test_flags_given_twice_and_alpha_as_saved():
     assert alpha == 8 and type(alpha) is int  # the settings of a run at the default alpha, r = 8
 
 
+def test_under_torchrun_a_bad_flag_is_said_by_rank_0_alone(monkeypatch, capsys):
+    for rank, said in (("1", ""), ("0", "error: argument --rank: expected a positive integer")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            ttl.parse_args(["--rank", "0"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and (said in err if said else err == "")
+
+
 def test_a_rewarmup_no_method_reads_is_not_checked(capsys):
     args = ttl.parse_args(["--method", "lora", "--rewarmup", "300"])  # above steps / 5
     assert args.rewarmup == 300 and "--rewarmup is ignored" in capsys.readouterr().err

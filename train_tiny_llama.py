@@ -39,7 +39,7 @@ MIN_LR_RATIO = 0.1  # the cosine's floor, as a share of the peak
 
 # 1. Command line ---------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
+    p = common.Parser(description=__doc__)
     g = p.add_argument_group("data").add_argument
     g("--data", nargs="+", action="extend", type=PATH, metavar="PATH",
       help="C4 shards (.json.gz, JSON lines with a 'text'), .jsonl, .json or .txt files (a "

@@ -12,7 +12,7 @@ parameters, MoRA memorises much faster than LoRA, close to full fine-tuning (FFT
     python train_uuid.py --method all --setting paper-ratio   # ranks 8 and 256 truly low-rank (width 1024)
 """
 
-import argparse, copy, math, os, random, time, uuid
+import copy, math, os, random, time, uuid
 from contextlib import nullcontext
 
 import common  # first: a Ctrl-C while torch loads is one line too
@@ -317,7 +317,7 @@ READERS = {"rank": ("lora", "mora", "variants", "all"), "variant": ("mora", "all
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.Help)
+    p = common.Parser(description=__doc__)
     setting = lambda k: " (default: " + "; ".join(
         f"{v[k]} with --setting {name}" for name, v in SETTINGS.items()) + ")"
     p.add_argument("--method", default="mora", choices=["fft", "lora", "mora", "all", "variants"],
