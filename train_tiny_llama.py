@@ -552,9 +552,9 @@ def sample(model, data, env, prompt_tokens=32, new_tokens=64):
     prompt = data["val_windows"][:1, :prompt_tokens].to(env["device"])
     with env["autocast"]:
         ids = model.generate(prompt, new_tokens)[0].tolist()
-    text = lambda ids: b"".join(data["token_bytes"][i].encode("latin-1") for i in ids).decode(
-        "utf-8", "replace")
-    return repr(f"[{text(ids[:prompt.size(1)])}]{text(ids[prompt.size(1):])}")
+    strings, cut = data["token_bytes"], prompt.size(1)
+    text = lambda ids: b"".join(strings[i].encode("latin-1") for i in ids).decode("utf-8", "replace")
+    return repr(f"[{text(ids[:cut])}]{text(ids[cut:])}")
 
 # 5. Report and main -----------------------------------------------------------------------------
 def report(runs, args, log):
