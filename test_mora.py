@@ -1568,11 +1568,18 @@ def test_forgetting_is_read_at_matched_accuracy_linearly_between_evaluations():
     assert train_uuid.rises([], 50) == "-"  # every seed diverged: not "not reached"
 
 
+PLOTS = importlib.util.find_spec("matplotlib") is not None  # a test extra: README's install lacks it
+
+
+def plotting(path):
+    return ["--plot", str(path)] if PLOTS else []
+
+
 def test_uuid_from_a_pretrained_base_records_its_skill_at_each_evaluation(tmp_path, capsys):
     save_contract_checkpoint(tmp_path / "ckpt.pt", "full", ["<|endoftext|>"] + [chr(i) for i in range(256)])
     plot = tmp_path / "acc.png"
     runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--init-from", str(tmp_path / "ckpt.pt"),
-                                            "--seeds", "2", "--plot", str(plot)])
+                                            "--seeds", "2", *plotting(plot)])
     for run in runs:
         assert set(run["base_bpb"]) == set(run["value_bits"]) == set(run["accuracy"]) == {"2", "4"}
         assert run["base_bpb"]["4"] == run["base_bpb_after"] and run["base_bpb"]["2"] > 0
@@ -1582,13 +1589,13 @@ def test_uuid_from_a_pretrained_base_records_its_skill_at_each_evaluation(tmp_pa
     rise = [r["base_bpb_after"] - r["base_bpb_before"] for r in runs]
     row = next(line for line in printed.splitlines() if line.startswith("| LoRA r=2 | not reached"))
     assert row.endswith(f"| {sum(rise) / 2:.3f} ({min(rise):.3f}-{max(rise):.3f}) |")  # the rise at the end
-    assert plot.exists() and (tmp_path / "acc_forgetting.png").exists()
+    assert not PLOTS or plot.exists() and (tmp_path / "acc_forgetting.png").exists()
 
 
 def test_uuid_runs_each_pair_count_and_tables_the_bits_stored(tmp_path, capsys):
     out = tmp_path / "runs.json"
     runs = train_uuid.main(TINY_UUID_RUN + ["--method", "lora", "--rank", "2", "--pairs", "6,9", "--json", str(out),
-                                            "--out", str(tmp_path / "models"), "--plot", str(tmp_path / "p.png")])
+                                            "--out", str(tmp_path / "models"), *plotting(tmp_path / "p.png")])
     assert [r["settings"]["pairs"] for r in runs] == [6, 9] and all(r["base_bpb"] == {} for r in runs)
     assert sorted(os.listdir(tmp_path / "models")) == ["lora_r2_pairs6_lr0.007_seed0.pt",
                                                        "lora_r2_pairs9_lr0.007_seed0.pt"]
@@ -1597,7 +1604,7 @@ def test_uuid_runs_each_pair_count_and_tables_the_bits_stored(tmp_path, capsys):
     assert f"| LoRA r=2, 9 pairs | {params} | 0.007 |" in printed and "at 50%" not in printed
     row = next(line for line in printed.splitlines() if line.startswith("| LoRA r=2, 9 pairs"))
     assert row.endswith(f"| {bits:,.0f} | {bits / params:.3f} |")  # the bits at the last evaluation, and per parameter
-    assert (tmp_path / "p.png").exists() and not (tmp_path / "p_forgetting.png").exists()  # a random base
+    assert not PLOTS or (tmp_path / "p.png").exists() and not (tmp_path / "p_forgetting.png").exists()  # random base
 
 
 class RunsCode:
