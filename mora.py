@@ -194,35 +194,9 @@ def truncate(x, r_hat):  # truncation's f_comp: x cut to r^ (or padded)
 
 def cyclic_pad(v, n):
     """v_(t mod len(v)) for t < n: the inputs padded with the first inputs again (x~, not zeros),
-    and T (Eq. 6), out_i = y_(i mod r^), which also tiles the blocks of decoupling and rotation."""
+    and T (Eq. 6), out_i = y_(i mod r^), which also tiles the blocks of decoupling and rotation.
+    Tile (at the end of this part) makes the copies, and adds their gradients up cheaply."""
     return v[..., :n] if n <= v.shape[-1] else Tile.apply(v, n)
-
-
-class Tile(torch.autograd.Function):
-    """cyclic_pad as one step of autograd's graph, so that the gradients are added as autograd adds
-    them, to the last bit. One wrap (x~) is written exactly: a wider tile cut to n is up to 2x x."""
-
-    generate_vmap_rule = True  # torch.func's transforms (vmap, jacrev) take it as a plain operation
-
-    @staticmethod
-    def forward(v, n):
-        if n < 2 * v.shape[-1]:  # x~: one wrap, written exactly
-            return torch.cat([v, v[..., :n - v.shape[-1]]], -1)
-        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]  # T
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.length = inputs[0].shape[-1]
-
-    @staticmethod
-    def backward(ctx, grad):  # each v_t's copies added up, in plain operations (differentiable)
-        length, n = ctx.length, grad.shape[-1]
-        if n < 2 * length:  # x~: the wrap added back onto the first inputs (a padded sum: 3x slower)
-            head = grad[..., :length].clone()
-            head[..., :n - length] += grad[..., length:]
-            return head, None
-        copies = -(-n // length)
-        return zero_pad(grad, copies * length).unflatten(-1, (copies, length)).sum(-2), None
 
 
 def split_blocks(x, r_hat, n):  # decoupling and rotation: x~ cut into n blocks of r^
@@ -303,40 +277,6 @@ def block_product(z, blocks):  # y_i = B_i z_i for each block i: (..., n, r^) an
     return torch.einsum("...ni,noi->...no", z, blocks)
 
 
-class BlockProduct(torch.autograd.Function):
-    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)), whose backward keeps x and
-    M alone (plain autograd keeps x~, up to 1.5x x, and rotation's blocks M R_i, k r^ numbers). It
-    makes both again, through autograd: the gradients are autograd's own, to the last bit."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, M, layer):  # (..., min(d, n r^)): the outputs past d cut here, where the backward is cheap
-        y = block_product(split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M))
-        return y.flatten(-2)[..., :layer.out_features]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:2])
-        ctx.layer = inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
-        if torch.is_grad_enabled():  # create_graph or torch.func: the gradients below are not differentiable
-            raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph, "
-                               "torch.func.grad or jacrev); the other variants have")
-        (x, M), layer = ctx.saved_tensors, ctx.layer
-        grad = zero_pad(grad, layer.n_blocks * layer.r_hat).unflatten(-1, (layer.n_blocks, layer.r_hat))
-        with torch.enable_grad():
-            x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()
-            z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
-        grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2))
-        grad_B = torch.einsum("...no,...ni->noi", grad, z.detach().to(grad.dtype))  # summed over tokens
-        if not x.requires_grad:
-            return None, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
-        return (*torch.autograd.grad((z, B), (x, M), (grad_z.to(z.dtype), grad_B.to(B.dtype))), None)
-
-
 class MoRALinear(AdapterLinear):
     """MoRA: dW x = f_decomp(M f_comp(x)), M (r^ x r^) zero-initialised, no alpha / r scaling. r is
     LoRA's rank for the same budget, r^ = mora_rank(k, d, r, variant); `variant` is a name in
@@ -406,6 +346,73 @@ class MoRALinear(AdapterLinear):
         if variant is None or mora_rank(self.in_features, self.out_features, self.r, variant) != self.r_hat:
             raise ValueError(f"MoRA variant index {values} does not fit this layer (r^ = {self.r_hat})")
         return variant
+
+
+# -----------------------------------------------------------------------------
+# Speed, not maths (a first reading can skip): two autograd Functions that compute what the plain
+# operations above compute, keep less for the backward pass, and give autograd's gradients to the
+# last bit. Each is checked against plain autograd and by gradcheck in the tests.
+
+
+class Tile(torch.autograd.Function):
+    """cyclic_pad as one step of autograd's graph, so that the gradients are added as autograd adds
+    them, to the last bit. One wrap (x~) is written exactly: a wider tile cut to n is up to 2x x."""
+
+    generate_vmap_rule = True  # torch.func's transforms (vmap, jacrev) take it as a plain operation
+
+    @staticmethod
+    def forward(v, n):
+        if n < 2 * v.shape[-1]:  # x~: one wrap, written exactly
+            return torch.cat([v, v[..., :n - v.shape[-1]]], -1)
+        return v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]  # T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.length = inputs[0].shape[-1]
+
+    @staticmethod
+    def backward(ctx, grad):  # each v_t's copies added up, in plain operations (differentiable)
+        length, n = ctx.length, grad.shape[-1]
+        if n < 2 * length:  # x~: the wrap added back onto the first inputs (a padded sum: 3x slower)
+            head = grad[..., :length].clone()
+            head[..., :n - length] += grad[..., length:]
+            return head, None
+        copies = -(-n // length)
+        return zero_pad(grad, copies * length).unflatten(-1, (copies, length)).sum(-2), None
+
+
+class BlockProduct(torch.autograd.Function):
+    """Decoupling and rotation: block_product(split_blocks(x), blocks(M)), whose backward keeps x and
+    M alone (plain autograd keeps x~, up to 1.5x x, and rotation's blocks M R_i, k r^ numbers). It
+    makes both again, through autograd: the gradients are autograd's own, to the last bit."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, M, layer):  # (..., min(d, n r^)): the outputs past d cut here, where the backward is cheap
+        y = block_product(split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M))
+        return y.flatten(-2)[..., :layer.out_features]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.layer = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
+        if torch.is_grad_enabled():  # create_graph or torch.func: the gradients below are not differentiable
+            raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph, "
+                               "torch.func.grad or jacrev); the other variants have")
+        (x, M), layer = ctx.saved_tensors, ctx.layer
+        grad = zero_pad(grad, layer.n_blocks * layer.r_hat).unflatten(-1, (layer.n_blocks, layer.r_hat))
+        with torch.enable_grad():
+            x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()
+            z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
+        grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2))
+        grad_B = torch.einsum("...no,...ni->noi", grad, z.detach().to(grad.dtype))  # summed over tokens
+        if not x.requires_grad:
+            return None, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
+        return (*torch.autograd.grad((z, B), (x, M), (grad_z.to(z.dtype), grad_B.to(B.dtype))), None)
 
 
 # -----------------------------------------------------------------------------
