@@ -211,6 +211,8 @@ def check_outputs(parser, files=(), folders=(), planned=(), runs=None):
         if kind == "planned":
             continue
         is_folder = kind == "folder"
+        if is_folder and os.path.islink(path) and not os.path.exists(path):
+            parser.error(f"{name} {path}: a link to nothing ({os.readlink(path)})")
         if os.path.exists(path) and not (os.path.isdir if is_folder else os.path.isfile)(path):
             parser.error(f"{name} {path}: " + ("is a file, not a folder" if is_folder
                                                else "is a folder" if os.path.isdir(path)

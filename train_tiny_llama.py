@@ -126,8 +126,8 @@ def check_args(p, args):
         p.error("--resume continues the checkpoints in --out: name it")
     args.runs = [(m, s) for s in range(args.seed, args.seed + args.seeds) for m in args.methods]
     planned = [checkpoint_path(args, m, s) for m, s in args.runs] if args.out else []
-    folders = [("--out", args.out), ("--cache-dir", args.cache_dir)]
-    common.check_run_flags(p, args, folders, planned=[("--out", path) for path in planned])
+    made = [("--out", path) for path in planned] + [("--cache-dir", args.cache_dir)]
+    common.check_run_flags(p, args, [("--out", args.out)], made)  # tokens kept may be read-only
     saved = [path for path in planned if os.path.exists(path)]
     if saved and not args.resume:
         p.error(f"{saved[0]} exists; pass --resume to continue it, or choose another --out")
@@ -289,9 +289,15 @@ def load_data(args, enc, rank, log):
     files = [os.path.join(folder, name) for name in ("train.bin", "val.bin", "meta.json")]
     if rank == 0 and not os.path.exists(files[2]):
         documents = (doc for p in paths for doc in read_documents(p)) if paths else python_prose()
+        try:  # checked before the work of tokenising
+            os.makedirs(folder, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError("not writable")
+        except OSError as e:
+            raise Fail(f"--cache-dir {args.cache_dir}: cannot keep tokens in {folder} "
+                       f"({common.why(e)})") from None
         tokens = tokenize(documents, enc, args.val_fraction, log)
         meta = {"sha256": token_hash(*tokens), "source": key}
-        os.makedirs(folder, exist_ok=True)
         # meta.json last; a link in the folder is replaced, not followed out of it
         with common.atomic_files(files, follow_links=False) as (train_file, val_file, meta_file):
             tokens[0].tofile(train_file)
