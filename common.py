@@ -197,8 +197,9 @@ def update_ranks(before, after, threshold=0.1):
 
 # Outputs ------------------------------------------------------------------------------------------
 def check_outputs(parser, files=(), folders=(), planned=(), runs=None):
-    """Every output, before any work: files, folders and planned (a run's files in a folder it made)
-    are [(flag, path or None)], each its own path, writable; an existing runs JSON holds runs."""
+    """Every output, before any work: files, folders and planned (paths only kept apart from the
+    others: a run's files in a folder it made, a cache that may be read-only) are [(flag, path or
+    None)], each its own path, writable; an existing runs JSON holds runs."""
     seen = {}
     for (name, path), kind in [(f, "file") for f in files] + [(f, "folder") for f in folders] + \
                               [(f, "planned") for f in planned]:
