@@ -371,20 +371,27 @@ class Tile(torch.autograd.Function):
         ctx.length = inputs[0].shape[-1]
 
     @staticmethod
-    def backward(ctx, grad):  # each v_t's copies added up, in plain operations (differentiable)
-        length, n = ctx.length, grad.shape[-1]
-        if n < 2 * length:  # x~: the wrap added back onto the first inputs (a padded sum: 3x slower)
-            head = grad[..., :length].clone()
-            head[..., :n - length] += grad[..., length:]
-            return head, None
-        copies = -(-n // length)
-        return zero_pad(grad, copies * length).unflatten(-1, (copies, length)).sum(-2), None
+    def backward(ctx, grad):
+        return cyclic_pad_adjoint(grad, ctx.length), None
+
+
+def cyclic_pad_adjoint(grad, length):  # cyclic_pad's gradient: each v_t's copies added up (differentiable)
+    n = grad.shape[-1]
+    if n <= length:  # a cut: nothing for the inputs left out
+        return zero_pad(grad, length)
+    if n < 2 * length:  # x~: the wrap added back onto the first inputs (a padded sum: 3x slower)
+        head = grad[..., :length].clone()
+        head[..., :n - length] += grad[..., length:]
+        return head
+    copies = -(-n // length)
+    return zero_pad(grad, copies * length).unflatten(-1, (copies, length)).sum(-2)
 
 
 class BlockProduct(torch.autograd.Function):
     """Decoupling and rotation: block_product(split_blocks(x), blocks(M)), whose backward keeps x and
-    M alone (plain autograd keeps x~, up to 1.5x x, and rotation's blocks M R_i, k r^ numbers). It
-    makes both again, through autograd: the gradients are autograd's own, to the last bit."""
+    M alone (plain autograd keeps x~, up to 1.5x x, and rotation's blocks M R_i, k r^ numbers) and
+    makes both again. Its gradients are plain autograd's to the last bit, in plain differentiable
+    operations: second derivatives work, and torch.compile traces it whole."""
 
     generate_vmap_rule = True
 
@@ -400,19 +407,23 @@ class BlockProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
-        if torch.is_grad_enabled():  # create_graph or torch.func: the gradients below are not differentiable
-            raise RuntimeError("MoRA's decoupling and rotation have no second derivative here (create_graph, "
-                               "torch.func.grad or jacrev); the other variants have")
         (x, M), layer = ctx.saved_tensors, ctx.layer
         grad = zero_pad(grad, layer.n_blocks * layer.r_hat).unflatten(-1, (layer.n_blocks, layer.r_hat))
-        with torch.enable_grad():
-            x, M = x.detach().requires_grad_(ctx.needs_input_grad[0]), M.detach().requires_grad_()
-            z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
-        grad_z = block_product(grad, B.detach().to(grad.dtype).transpose(-1, -2))
-        grad_B = torch.einsum("...no,...ni->noi", grad, z.detach().to(grad.dtype))  # summed over tokens
-        if not x.requires_grad:
-            return None, torch.autograd.grad(B, M, grad_B.to(B.dtype))[0], None
-        return (*torch.autograd.grad((z, B), (x, M), (grad_z.to(z.dtype), grad_B.to(B.dtype))), None)
+        z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
+        grad_B = torch.einsum("...no,...ni->noi", grad, z.to(grad.dtype)).to(B.dtype)  # summed over tokens
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_z = block_product(grad, B.to(grad.dtype).transpose(-1, -2)).to(x.dtype)
+            grad_x = cyclic_pad_adjoint(grad_z.flatten(-2), x.shape[-1])
+        return grad_x, blocks_adjoint(layer, grad_B), None
+
+
+def blocks_adjoint(layer, grad_B):  # the gradient of layer.blocks(M), (n, r^, r^) -> (r^, r^)
+    if layer.variant != "rotation":
+        return grad_B.sum(0)  # M.expand: the blocks' gradients added up
+    cos, sin = rope_cos_sin(layer.r_hat, layer.n_blocks, dtype=grad_B.dtype, device=grad_B.device)
+    u, half = (grad_B * -sin[:, None, :]).sum(0), layer.r_hat // 2
+    return (grad_B * cos[:, None, :]).sum(0) + torch.cat([u[..., half:], -u[..., :half]], -1)  # rotate-half's adjoint
 
 
 # -----------------------------------------------------------------------------

@@ -1010,18 +1010,36 @@ def test_load_adapter_refuses_a_model_that_has_adapters_already(tmp_path):
     assert [name for name, _ in mora.adapter_layers(model)] == ["layers.0.attn.v", "layers.1.attn.v"]
 
 
-def test_a_second_derivative_is_plain_autograds_or_refused():
+@pytest.mark.parametrize("variant", ["sharing", "rotation", "decoupling"])  # through Tile; BlockProduct
+def test_a_second_derivative_is_plain_autograds(variant):
     x = torch.randn(3, 13, dtype=torch.float64, requires_grad=True)
-    layer = make_mora(13, 7, 1, "sharing")  # through Tile
+    layer = make_mora(13, 7, 1, variant)
     second = lambda: torch.autograd.grad(torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)[0].sum(),
                                          layer.M)[0]
     ours = second()
-    plain = lambda v, n: v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]
-    with mock.patch.object(mora.Tile, "apply", plain):  # autograd's own backward, differentiated
-        assert torch.allclose(ours, second())
-    layer = make_mora(13, 7, 1, "rotation")  # through BlockProduct: it was a wrong one, without a word
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        second()
+    plain_tile = lambda v, n: v.unsqueeze(-2).expand(*v.shape[:-1], -(-n // v.shape[-1]), -1).flatten(-2)[..., :n]
+    plain_blocks = lambda x, M, layer: mora.block_product(mora.split_blocks(x, layer.r_hat, layer.n_blocks),
+                                                          layer.blocks(M)).flatten(-2)[..., :layer.out_features]
+    with mock.patch.object(mora.Tile, "apply", plain_tile), mock.patch.object(mora.BlockProduct, "apply", plain_blocks):
+        assert torch.allclose(ours, second())  # autograd's own backward, differentiated
+    assert ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", ["decoupling", "rotation"])
+def test_the_block_products_backward_passes_gradgradcheck(variant):
+    layer = make_mora(13, 7, 1, variant)  # r^ = 4 divides neither k nor d
+    x = torch.randn(2, 13, dtype=torch.float64, requires_grad=True)
+    M = layer.M.detach().clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, M: mora.BlockProduct.apply(x, M, layer), (x, M))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_torch_compile_takes_each_variant_whole(variant):  # a graph break splits a compiled model at every layer
+    layer = make_mora(13, 7, 1, variant)
+    x = torch.randn(2, 13, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    y = torch.compile(layer, fullgraph=True, backend="eager")(x)  # fullgraph: a break raises
+    assert torch.equal(y, layer(x))
 
 
 @pytest.mark.parametrize("variant", ["sharing", "rotation"])  # Tile; Tile and BlockProduct
@@ -1030,8 +1048,7 @@ def test_torch_func_transforms_take_the_layer(variant):  # they refused autograd
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(torch.func.vmap(layer)(x), layer(x))
-    if variant == "sharing":  # rotation has no second derivative here, and says so
-        assert torch.allclose(torch.func.jacrev(layer)(x[0, 0]), layer.base.weight + layer.get_delta_weight())
+    assert torch.allclose(torch.func.jacrev(layer)(x[0, 0]), layer.base.weight + layer.get_delta_weight())
 
 
 def test_disable_adapters_computes_the_base_alone():
