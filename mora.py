@@ -351,7 +351,8 @@ class MoRALinear(AdapterLinear):
 # -----------------------------------------------------------------------------
 # Speed, not maths (a first reading can skip): two autograd Functions that compute what the plain
 # operations above compute, keep less for the backward pass, and give autograd's gradients to the
-# last bit. Each is checked against plain autograd and by gradcheck in the tests.
+# last bit, written out in plain operations (so they have second derivatives, and torch.compile
+# traces them). Each is checked against plain autograd, gradcheck and gradgradcheck in the tests.
 
 
 class Tile(torch.autograd.Function):

@@ -265,6 +265,7 @@ def test_the_block_products_own_backward_passes_gradcheck_and_equals_plain_autog
 def test_tile_passes_gradcheck_and_adds_the_copies_gradients_as_plain_autograd(n):
     v = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: mora.Tile.apply(v, n), (v,))
+    assert torch.autograd.gradgradcheck(lambda v: mora.Tile.apply(v, n), (v,))
     v, g = torch.randn(5, 6, requires_grad=True), torch.randn(5, n)
     plain = v.unsqueeze(-2).expand(5, -(-n // 6), 6).flatten(-2)[..., :n]
     assert torch.equal(torch.autograd.grad(mora.Tile.apply(v, n), v, g)[0], torch.autograd.grad(plain, v, g)[0])
