@@ -2230,6 +2230,7 @@ def test_bench_model_times_training_steps_of_each_row(tmp_path, monkeypatch):
         **mora.PRESETS["tiny"], vocab_size=bench.VOCAB, max_seq_len=256)))
     assert rows["mora sharing"]["bound"] == pytest.approx(1, abs=0.01) and rows["mora rotation"]["bound"] > 1.01
     assert all(row["tokens_per_s"] == pytest.approx(4 * 256 / row["ms"] * 1e3) for row in rows.values())
+    assert all(row["samples_ms"] == [row["ms"]] for row in rows.values())  # one sample: its own median
 
 
 @pytest.mark.parametrize("flag,value", [
