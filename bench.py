@@ -207,8 +207,9 @@ def bench_model(r, args):
     rows = [dict(name=name, **in_own_process(step_memory, name, r, args)) for name in MODEL_ROWS]
     steps = {name: training_step(name, r, args)[0] for name in MODEL_ROWS}
     for row, samples in zip(rows, time_round_robin(steps, args).values()):  # every sample kept: noise shows
-        ms = statistics.median(samples) * 1e3
-        row.update(ms=ms, samples_ms=[s * 1e3 for s in samples], tokens_per_s=BATCH * SEQ_LEN / ms * 1e3)
+        samples_ms = [s * 1e3 for s in samples]
+        ms = statistics.median(samples_ms)
+        row.update(ms=ms, samples_ms=samples_ms, tokens_per_s=BATCH * SEQ_LEN / ms * 1e3)
     return dict(model=args.model, r=r, batch=BATCH, seq_len=SEQ_LEN, vocab_size=VOCAB, rows=against_lora(rows))
 
 def main(argv=None):

@@ -351,8 +351,8 @@ class MoRALinear(AdapterLinear):
 # -----------------------------------------------------------------------------
 # Speed, not maths (a first reading can skip): two autograd Functions that compute what the plain
 # operations above compute, keep less for the backward pass, and give autograd's gradients to the
-# last bit, written out in plain operations (so they have second derivatives, and torch.compile
-# traces them). Each is checked against plain autograd, gradcheck and gradgradcheck in the tests.
+# last bit, written out in plain operations (so reverse mode differentiates them again, and
+# torch.compile traces them). Each is checked against plain autograd, gradcheck and gradgradcheck in the tests.
 
 
 class Tile(torch.autograd.Function):
@@ -392,7 +392,8 @@ class BlockProduct(torch.autograd.Function):
     """Decoupling and rotation: block_product(split_blocks(x), blocks(M)), whose backward keeps x and
     M alone (plain autograd keeps x~, up to 1.5x x, and rotation's blocks M R_i, k r^ numbers) and
     makes both again. Its gradients are plain autograd's to the last bit, in plain differentiable
-    operations: second derivatives work, and torch.compile traces it whole."""
+    operations: reverse-mode second derivatives work (create_graph, jacrev), and torch.compile
+    traces it whole."""
 
     generate_vmap_rule = True
 
@@ -411,12 +412,14 @@ class BlockProduct(torch.autograd.Function):
         (x, M), layer = ctx.saved_tensors, ctx.layer
         grad = zero_pad(grad, layer.n_blocks * layer.r_hat).unflatten(-1, (layer.n_blocks, layer.r_hat))
         z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
-        grad_B = torch.einsum("...no,...ni->noi", grad, z.to(grad.dtype)).to(B.dtype)  # summed over tokens
-        grad_x = None
+        grad_x = grad_M = None  # each only if asked for: either costs as much as the forward
         if ctx.needs_input_grad[0]:
             grad_z = block_product(grad, B.to(grad.dtype).transpose(-1, -2)).to(x.dtype)
             grad_x = cyclic_pad_adjoint(grad_z.flatten(-2), x.shape[-1])
-        return grad_x, blocks_adjoint(layer, grad_B), None
+        if ctx.needs_input_grad[1]:
+            grad_B = torch.einsum("...no,...ni->noi", grad, z.to(grad.dtype)).to(B.dtype)  # summed over tokens
+            grad_M = blocks_adjoint(layer, grad_B)
+        return grad_x, grad_M, None
 
 
 def blocks_adjoint(layer, grad_B):  # the gradient of layer.blocks(M), (n, r^, r^) -> (r^, r^)

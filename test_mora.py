@@ -1039,8 +1039,10 @@ def test_torch_compile_takes_each_variant_whole(variant):  # a graph break split
     layer = make_mora(13, 7, 1, variant)
     x = torch.randn(2, 13, dtype=torch.float64, requires_grad=True)
     torch._dynamo.reset()
-    y = torch.compile(layer, fullgraph=True, backend="eager")(x)  # fullgraph: a break raises
+    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)  # fullgraph: a break raises
+    compiled = torch.autograd.grad(y.sum(), (x, layer.M))
     assert torch.equal(y, layer(x))
+    assert all(map(torch.equal, compiled, torch.autograd.grad(layer(x).sum(), (x, layer.M))))
 
 
 @pytest.mark.parametrize("variant", ["sharing", "rotation"])  # Tile; Tile and BlockProduct
