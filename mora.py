@@ -267,10 +267,14 @@ def rope_cos_sin(dim, n_positions, theta=10000.0, dtype=torch.float32, device=to
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rotate_half(x):  # (x_j, x_(j+h)) -> (-x_(j+h), x_j), h = half the last dim: each pair a quarter turn
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
 def apply_rotary(x, cos, sin):
     """z_j = x_j cos - x_(j+h) sin,  z_(j+h) = x_(j+h) cos + x_j sin  (h = half the last dim)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def block_product(z, blocks):  # y_i = B_i z_i for each block i: (..., n, r^) and (n, r^, r^)
@@ -411,13 +415,13 @@ class BlockProduct(torch.autograd.Function):
     def backward(ctx, grad):  # in grad's dtype, as the forward ran (under autocast: bfloat16)
         (x, M), layer = ctx.saved_tensors, ctx.layer
         grad = zero_pad(grad, layer.n_blocks * layer.r_hat).unflatten(-1, (layer.n_blocks, layer.r_hat))
-        z, B = split_blocks(x, layer.r_hat, layer.n_blocks), layer.blocks(M)
         grad_x = grad_M = None  # each only if asked for: either costs as much as the forward
-        if ctx.needs_input_grad[0]:
-            grad_z = block_product(grad, B.to(grad.dtype).transpose(-1, -2)).to(x.dtype)
+        if ctx.needs_input_grad[0]:  # x~'s gradient: the blocks M R_i, transposed, times grad
+            grad_z = block_product(grad, layer.blocks(M).to(grad.dtype).transpose(-1, -2)).to(x.dtype)
             grad_x = cyclic_pad_adjoint(grad_z.flatten(-2), x.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_B = torch.einsum("...no,...ni->noi", grad, z.to(grad.dtype)).to(B.dtype)  # summed over tokens
+            z = split_blocks(x, layer.r_hat, layer.n_blocks).to(grad.dtype)
+            grad_B = torch.einsum("...no,...ni->noi", grad, z).to(M.dtype)  # summed over tokens
             grad_M = blocks_adjoint(layer, grad_B)
         return grad_x, grad_M, None
 
@@ -426,8 +430,9 @@ def blocks_adjoint(layer, grad_B):  # the gradient of layer.blocks(M), (n, r^, r
     if layer.variant != "rotation":
         return grad_B.sum(0)  # M.expand: the blocks' gradients added up
     cos, sin = rope_cos_sin(layer.r_hat, layer.n_blocks, dtype=grad_B.dtype, device=grad_B.device)
-    u, half = (grad_B * -sin[:, None, :]).sum(0), layer.r_hat // 2
-    return (grad_B * cos[:, None, :]).sum(0) + torch.cat([u[..., half:], -u[..., :half]], -1)  # rotate-half's adjoint
+    # blocks = M cos + rotate_half(M) (-sin), each term summed over the blocks as autograd sums it;
+    # rotate_half's adjoint is -rotate_half
+    return (grad_B * cos[:, None, :]).sum(0) + rotate_half((grad_B * sin[:, None, :]).sum(0))
 
 
 # -----------------------------------------------------------------------------
